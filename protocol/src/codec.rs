@@ -147,10 +147,12 @@ fn decode_frame_with(
 
 #[cfg(feature = "std")]
 fn decode_body_rmp(body: &[u8]) -> Result<Message, DecodeError> {
-    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    // Messages nest four levels at most; refuse deeper input before it costs stack.
+    de.set_max_depth(8);
     let msg =
         <Message as serde::Deserialize>::deserialize(&mut de).map_err(|_| DecodeError::BadBody)?;
-    if de.get_ref().is_empty() {
+    if de.position() as usize == body.len() {
         Ok(msg)
     } else {
         Err(DecodeError::TrailingBytes)

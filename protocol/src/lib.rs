@@ -22,6 +22,8 @@ mod msg;
 mod time;
 
 pub mod codec;
+pub mod discovery;
+mod reader;
 #[cfg(feature = "std")]
 pub use codec::encode_frame_vec;
 pub use codec::{
@@ -29,6 +31,7 @@ pub use codec::{
     encode_frame, frame_len,
 };
 pub use msg::*;
+pub use reader::FrameReader;
 pub use time::{ClusterTime, Timeline};
 
 /// Major protocol version: peers with another major version cannot talk and are refused.
