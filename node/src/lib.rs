@@ -1,1 +1,7 @@
-//! placeholder
+//! The VoiceMesh Linux node.
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod net;
+
+pub use net::NetScope;

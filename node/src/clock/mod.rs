@@ -1,0 +1,200 @@
+//! The node's view of cluster time.
+//!
+//! Nobody steers a node's system clock. Each process keeps a [`ClusterClock`], a model
+//! `cluster = anchor_cluster + (local − anchor_local) × (1 + rate)` over its local clock, and
+//! the PTP slave ([`ptp`]) disciplines the model. The local clock is `CLOCK_REALTIME`, the clock
+//! the kernel stamps PTP packets with (SO_TIMESTAMPING software stamps), so packet timestamps
+//! and `now()` are on the same base. On the grandmaster the model is the identity plus the
+//! TAI−UTC offset ([`TAI_OFFSET_NS`]): cluster time is the PTP (TAI) timescale.
+//!
+//! Reads are wait-free (a sequence lock over atomics) so the audio callback may call
+//! [`ClusterClock::now`]; writes come from one thread at a time (the PTP task).
+
+pub mod ptp;
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use voicemesh_protocol::ClusterTime;
+
+/// TAI − UTC in nanoseconds (37 s since 2017). PTP's timescale is TAI; kernel timestamps are
+/// UTC (`CLOCK_REALTIME`).
+pub const TAI_OFFSET_NS: u64 = 37_000_000_000;
+
+/// Nanoseconds of `CLOCK_REALTIME`, the local clock every [`ClusterClock`] is a model over.
+pub fn local_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec and CLOCK_REALTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A snapshot of the clock model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClockModel {
+    /// A local time …
+    pub anchor_local: u64,
+    /// … and the cluster time it maps to.
+    pub anchor_cluster: ClusterTime,
+    /// Fractional rate correction: cluster time advances `1 + rate` ns per local ns.
+    pub rate: f64,
+}
+
+impl ClockModel {
+    /// Cluster time at local time `local_ns`.
+    pub fn to_cluster(&self, local_ns: u64) -> ClusterTime {
+        let dl = local_ns as i128 - self.anchor_local as i128;
+        let dc = dl as f64 * (1.0 + self.rate);
+        self.anchor_cluster.add_nanos(dc.round() as i64)
+    }
+
+    /// Local time at which the cluster time is `t`.
+    pub fn to_local(&self, t: ClusterTime) -> u64 {
+        let dc = t.nanos_since(self.anchor_cluster) as f64;
+        let dl = dc / (1.0 + self.rate);
+        self.anchor_local.saturating_add_signed(dl.round() as i64)
+    }
+}
+
+/// Lock-free, shareable cluster clock. See the module docs.
+#[derive(Debug)]
+pub struct ClusterClock {
+    seq: AtomicU64,
+    anchor_local: AtomicU64,
+    anchor_cluster: AtomicU64,
+    rate_bits: AtomicU64,
+    locked: AtomicBool,
+}
+
+impl ClusterClock {
+    /// A clock that starts as the local clock plus the TAI offset, not yet locked: the
+    /// grandmaster's clock, and a node's first guess before PTP has spoken.
+    pub fn new() -> Self {
+        let now = local_now_ns();
+        ClusterClock {
+            seq: AtomicU64::new(0),
+            anchor_local: AtomicU64::new(now),
+            anchor_cluster: AtomicU64::new(now + TAI_OFFSET_NS),
+            rate_bits: AtomicU64::new(0f64.to_bits()),
+            locked: AtomicBool::new(false),
+        }
+    }
+
+    /// The current model (wait-free; retries only while a writer is mid-update).
+    pub fn model(&self) -> ClockModel {
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let m = ClockModel {
+                anchor_local: self.anchor_local.load(Ordering::Relaxed),
+                anchor_cluster: ClusterTime(self.anchor_cluster.load(Ordering::Relaxed)),
+                rate: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
+            };
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return m;
+            }
+        }
+    }
+
+    /// Replaces the model. One writer at a time.
+    pub fn set_model(&self, m: ClockModel) {
+        let s = self.seq.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::Release);
+        self.anchor_local.store(m.anchor_local, Ordering::Relaxed);
+        self.anchor_cluster
+            .store(m.anchor_cluster.0, Ordering::Relaxed);
+        self.rate_bits.store(m.rate.to_bits(), Ordering::Relaxed);
+        self.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Cluster time now.
+    pub fn now(&self) -> ClusterTime {
+        self.model().to_cluster(local_now_ns())
+    }
+
+    /// Cluster time at local time `local_ns`.
+    pub fn to_cluster(&self, local_ns: u64) -> ClusterTime {
+        self.model().to_cluster(local_ns)
+    }
+
+    /// Moves cluster time by `offset_ns` at once (a step), keeping the rate.
+    pub fn step(&self, offset_ns: i64) {
+        let now = local_now_ns();
+        let m = self.model();
+        self.set_model(ClockModel {
+            anchor_local: now,
+            anchor_cluster: m.to_cluster(now).add_nanos(offset_ns),
+            rate: m.rate,
+        });
+    }
+
+    /// Sets the rate correction from now on, without a jump in cluster time.
+    pub fn set_rate(&self, rate: f64) {
+        let now = local_now_ns();
+        let m = self.model();
+        self.set_model(ClockModel {
+            anchor_local: now,
+            anchor_cluster: m.to_cluster(now),
+            rate,
+        });
+    }
+
+    /// Whether a PTP slave has synchronised this clock to a grandmaster.
+    pub fn is_locked(&self) -> bool {
+        self.locked.load(Ordering::Relaxed)
+    }
+
+    /// Marks the clock synchronised (or not).
+    pub fn set_locked(&self, locked: bool) {
+        self.locked.store(locked, Ordering::Relaxed);
+    }
+}
+
+impl Default for ClusterClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_maps_both_ways() {
+        let m = ClockModel {
+            anchor_local: 1_000_000,
+            anchor_cluster: ClusterTime(5_000_000),
+            rate: 50e-6,
+        };
+        assert_eq!(m.to_cluster(1_000_000), ClusterTime(5_000_000));
+        assert_eq!(m.to_cluster(2_000_000), ClusterTime(6_000_050));
+        assert_eq!(m.to_local(ClusterTime(6_000_050)), 2_000_000);
+    }
+
+    #[test]
+    fn step_and_rate_keep_continuity() {
+        let c = ClusterClock::new();
+        let before = c.now();
+        c.step(10_000_000);
+        let after = c.now();
+        assert!(after.nanos_since(before) >= 10_000_000);
+        let t1 = c.now();
+        c.set_rate(100e-6);
+        let t2 = c.now();
+        assert!(t2 >= t1, "rate change must not move time backwards");
+        assert!(t2.nanos_since(t1) < 1_000_000);
+    }
+
+    #[test]
+    fn grandmaster_clock_is_tai() {
+        let c = ClusterClock::new();
+        let d = c.now().as_nanos() as i128 - local_now_ns() as i128;
+        assert!((d - TAI_OFFSET_NS as i128).abs() < 1_000_000);
+    }
+}
