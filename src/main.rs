@@ -1,1 +1,347 @@
-fn main() {}
+//! `voicemesh`: one binary for every Linux role of a VoiceMesh cluster.
+//!
+//! This file only parses arguments and wires the crates together; everything that does the
+//! work lives in `voicemesh-coordinator`, `voicemesh-node` and `voicemesh-protocol`.
+
+mod demo;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use voicemesh_coordinator::{CoordinatorConfig, RunningCoordinator};
+use voicemesh_node::clock::ClusterClock;
+use voicemesh_node::clock::ptp::{self, PtpConfig};
+use voicemesh_node::{AudioSpec, NetScope, NodeConfig, RunningNode};
+use voicemesh_protocol::discovery;
+
+/// VoiceMesh turns the computers on a LAN into one polyphonic instrument.
+///
+/// Run one `coordinator` per cluster and one `node` per machine with a sound card, or `demo`
+/// to run a whole cluster on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "voicemesh", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator: discovers nodes, allocates voices, serves OSC and the dashboard,
+    /// and is the PTP grandmaster of the cluster.
+    Coordinator(CoordinatorArgs),
+    /// Run a node: a real-time synth engine that plays what the coordinator sends, at the
+    /// cluster time stamped on it.
+    Node(NodeArgs),
+    /// Start a coordinator and two nodes on this machine and play a short phrase across both.
+    ///
+    /// By default every packet stays on the loopback interface; `--lan` opts in to the real
+    /// network.
+    Demo(DemoArgs),
+}
+
+/// Where traffic goes and how PTP runs; shared by every role.
+#[derive(Debug, Args, Clone)]
+struct NetArgs {
+    /// Use the real network (mDNS, PTP and QUIC on a LAN interface) instead of loopback only.
+    #[arg(long)]
+    lan: bool,
+    /// With --lan: the IPv4 address of the interface to use (default: the first interface that
+    /// is up, multicast-capable and not loopback).
+    #[arg(long, value_name = "ADDR", requires = "lan")]
+    interface: Option<Ipv4Addr>,
+    /// PTP event port (Sync, Delay_Req). Standard PTP equipment uses 319.
+    #[arg(long, value_name = "PORT", default_value_t = discovery::DEFAULT_PTP_EVENT_PORT)]
+    ptp_event_port: u16,
+    /// PTP general port (Announce, Follow_Up, Delay_Resp). Standard PTP equipment uses 320.
+    #[arg(long, value_name = "PORT", default_value_t = discovery::DEFAULT_PTP_GENERAL_PORT)]
+    ptp_general_port: u16,
+    /// PTP domain number.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ptp_domain: u8,
+}
+
+impl NetArgs {
+    fn scope(&self) -> Result<NetScope> {
+        if !self.lan {
+            return Ok(NetScope::Loopback);
+        }
+        match self.interface {
+            Some(a) => Ok(NetScope::Lan(a)),
+            None => NetScope::first_lan().context("--lan"),
+        }
+    }
+
+    fn ptp(&self, scope: NetScope) -> PtpConfig {
+        PtpConfig {
+            event_port: self.ptp_event_port,
+            general_port: self.ptp_general_port,
+            domain: self.ptp_domain,
+            scope,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct CoordinatorArgs {
+    /// Directory for the access token, configuration and journal
+    /// (default: $XDG_DATA_HOME/voicemesh, else ~/.local/share/voicemesh).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Address of the dashboard and HTTP API.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400")]
+    http: SocketAddr,
+    /// Address of the OSC server (UDP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+    osc: SocketAddr,
+    /// How far ahead of now each event is scheduled, in milliseconds (0 = as soon as possible).
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    lookahead_ms: u64,
+    /// Access token for the HTTP API (default: the one stored in the state directory, created
+    /// on first start).
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Instance id of this coordinator.
+    #[arg(long, value_name = "ID", default_value = "coordinator")]
+    id: String,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Human-readable name of this node (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Stable id of this node, unique in the cluster (default: the name).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// Number of synth voices.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    voices: u16,
+    /// Audio output: `jack`, `wav:DIR` (one WAV file per node, for headless machines),
+    /// `null` (paced by a timer, output discarded) or `auto` (JACK if a server runs, else WAV
+    /// files under ./voicemesh-audio).
+    #[arg(long, value_name = "SPEC", default_value = "auto")]
+    audio: AudioSpec,
+    /// Sample rate for the wav and null outputs (JACK uses the server's).
+    #[arg(long, value_name = "HZ", default_value_t = 48_000)]
+    sample_rate: u32,
+    /// UDP port of the QUIC control session (0 = any free port; it is advertised over mDNS).
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    port: u16,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    seconds: Option<f64>,
+    /// Audio output of both nodes: `auto`, `jack`, `wav:DIR` or `null` (see `voicemesh node`).
+    /// `auto` uses JACK when a server runs, else WAV files under ./voicemesh-demo-audio.
+    #[arg(long, value_name = "SPEC", default_value = "auto")]
+    audio: AudioSpec,
+    /// Address of the dashboard and HTTP API.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400")]
+    http: SocketAddr,
+    /// Address of the OSC server (UDP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+    osc: SocketAddr,
+    /// State directory of the demo's coordinator (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,voicemesh=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Coordinator(a) => run_coordinator(a).await,
+            Command::Node(a) => run_node(a).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on Ctrl-C (SIGINT) or SIGTERM.
+fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = token.cancelled() => return,
+        }
+        eprintln!("stopping…");
+        token.cancel();
+    });
+    Ok(())
+}
+
+fn default_state_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("voicemesh"));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/voicemesh")),
+        None => bail!("no state directory: set --state-dir, XDG_DATA_HOME or HOME"),
+    }
+}
+
+/// Starts the grandmaster clock, its PTP instance and the coordinator.
+async fn start_coordinator(
+    cfg: CoordinatorConfig,
+    ptp_cfg: PtpConfig,
+    shutdown: &CancellationToken,
+) -> Result<(RunningCoordinator, tokio::task::JoinHandle<()>)> {
+    let clock = Arc::new(ClusterClock::new());
+    let coordinator = voicemesh_coordinator::start(cfg, clock.clone(), shutdown.clone())
+        .await
+        .context("starting the coordinator")?;
+    let ptp_shutdown = shutdown.clone();
+    let ptp_task = tokio::spawn(async move {
+        if let Err(e) = ptp::run_grandmaster(ptp_cfg, clock, ptp_shutdown.clone()).await {
+            tracing::error!("PTP grandmaster stopped: {e}");
+            eprintln!("error: PTP grandmaster: {e}; nodes will free-run");
+        }
+    });
+    Ok((coordinator, ptp_task))
+}
+
+fn coordinator_config(
+    id: String,
+    state_dir: PathBuf,
+    http: SocketAddr,
+    osc: SocketAddr,
+    lookahead_ms: u64,
+    token: Option<String>,
+    scope: NetScope,
+) -> CoordinatorConfig {
+    CoordinatorConfig {
+        id,
+        state_dir,
+        http,
+        osc,
+        lookahead: Duration::from_millis(lookahead_ms),
+        heartbeat: Duration::from_millis(discovery::DEFAULT_HEARTBEAT_MS.into()),
+        offline_after: Duration::from_millis(250),
+        lease: Duration::from_secs(1),
+        scope,
+        token,
+    }
+}
+
+async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
+    let scope = a.net.scope()?;
+    let state_dir = match a.state_dir {
+        Some(d) => d,
+        None => default_state_dir()?,
+    };
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone())?;
+    let cfg = coordinator_config(a.id, state_dir, a.http, a.osc, a.lookahead_ms, a.token, scope);
+    let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
+    println!("coordinator running ({})", scope_text(scope));
+    println!("dashboard: {}", coordinator.dashboard_url());
+    println!("osc: udp://{}", coordinator.osc_addr());
+    let result = coordinator.wait().await;
+    shutdown.cancel();
+    let _ = ptp_task.await;
+    result.context("coordinator")?;
+    Ok(())
+}
+
+fn scope_text(scope: NetScope) -> String {
+    match scope {
+        NetScope::Loopback => "loopback only".into(),
+        NetScope::Lan(a) => format!("LAN interface {a}"),
+    }
+}
+
+fn node_config(
+    id: String,
+    name: String,
+    voices: u16,
+    audio: AudioSpec,
+    sample_rate: u32,
+    port: u16,
+    net: &NetArgs,
+    scope: NetScope,
+) -> NodeConfig {
+    NodeConfig {
+        id,
+        name,
+        voices,
+        audio,
+        scope,
+        quic_port: port,
+        sample_rate,
+        ptp: net.ptp(scope),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+async fn run_node(a: NodeArgs) -> Result<()> {
+    let scope = a.net.scope()?;
+    let name = a.name.unwrap_or_else(host_name);
+    let id = a.id.unwrap_or_else(|| name.clone());
+    if a.voices == 0 {
+        bail!("--voices must be at least 1");
+    }
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone())?;
+    let cfg = node_config(id, name.clone(), a.voices, a.audio, a.sample_rate, a.port, &a.net, scope);
+    let node = voicemesh_node::start(cfg, shutdown.clone())
+        .await
+        .with_context(|| format!("starting node {name}"))?;
+    print_node(&name, &node, scope);
+    node.wait().await.with_context(|| format!("node {name}"))?;
+    Ok(())
+}
+
+fn print_node(name: &str, node: &RunningNode, scope: NetScope) {
+    println!(
+        "node {name}: control session on quic://{} ({}), audio: {}",
+        node.quic_addr(),
+        scope_text(scope),
+        node.audio_description()
+    );
+}
