@@ -1,0 +1,351 @@
+//! Golden byte vectors: the exact frame bytes of one message per variant, per protocol version.
+//!
+//! Each file under `tests/golden/` is hex text; `#` starts a comment that runs to the end of
+//! the line (the first comment line describes the message). For every vector both codecs —
+//! `rmp-serde` ([`encode_frame`]/[`decode_frame`]) and `messagepack-serde`
+//! ([`codec::portable`]) — must produce exactly these bytes and decode them back to exactly the
+//! message. A change to a message type that changes its bytes therefore fails here, and must
+//! come with a new protocol version (see docs/wire-protocol.md).
+//!
+//! To write the vector of a *new* message, add it to [`vectors`] and run
+//! `VOICEMESH_BLESS=1 cargo test -p voicemesh-protocol --test golden`: files that do not exist
+//! yet are written from the encoder (existing files are never overwritten); review the new file
+//! by hand against the MessagePack spec before committing it.
+
+use std::path::PathBuf;
+use voicemesh_protocol::{
+    Bye, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN,
+    Message, PROTOCOL_MINOR, PROTOCOL_VERSION, Role, Status, Timeline, VoiceOff, VoiceOn,
+    VoiceParam, Welcome, codec, decode_frame, encode_frame,
+};
+
+/// One golden vector: file stem and the message it holds.
+struct Vector {
+    file: &'static str,
+    describe: &'static str,
+    message: Message,
+}
+
+fn s<const N: usize>(text: &str) -> heapless::String<N> {
+    heapless::String::try_from(text).expect("fits")
+}
+
+fn timeline() -> Timeline {
+    Timeline {
+        ns_per_beat: 500_000_000,
+        beat0_micro: -2_500_000,
+        t0: ClusterTime(1_700_000_000_000_000_000),
+    }
+}
+
+/// Every vector of protocol version 1.0. Each `Message` variant appears at least once.
+fn vectors() -> Vec<Vector> {
+    let mut engines = heapless::Vec::new();
+    engines.push(s("subtractive")).unwrap();
+    engines.push(s("fm")).unwrap();
+    let mut voices = heapless::Vec::new();
+    for v in [0u16, 1, 200, 65535] {
+        voices.push(v).unwrap();
+    }
+    vec![
+        Vector {
+            file: "v1_0_hello",
+            describe: "Hello { id: \"n-01\", name: \"pi-kitchen\", role: Node, voices: 16, cv: 0, engines: [\"subtractive\", \"fm\"], sample_rate: 48000 }",
+            message: Message::Hello(Hello {
+                id: s("n-01"),
+                name: s("pi-kitchen"),
+                role: Role::Node,
+                voices: 16,
+                cv: 0,
+                engines,
+                sample_rate: 48_000,
+            }),
+        },
+        Vector {
+            file: "v1_0_hello_mcu",
+            describe: "Hello { id: \"t41\", name: \"teensy\", role: Mcu, voices: 0, cv: 8, engines: [], sample_rate: 0 }",
+            message: Message::Hello(Hello {
+                id: s("t41"),
+                name: s("teensy"),
+                role: Role::Mcu,
+                voices: 0,
+                cv: 8,
+                engines: heapless::Vec::new(),
+                sample_rate: 0,
+            }),
+        },
+        Vector {
+            file: "v1_0_welcome",
+            describe: "Welcome { coordinator: \"coord-a\", heartbeat_ms: 100, lease_ms: 1000, timeline: { ns_per_beat: 500000000, beat0_micro: -2500000, t0: 1700000000000000000 } }",
+            message: Message::Welcome(Welcome {
+                coordinator: s("coord-a"),
+                heartbeat_ms: 100,
+                lease_ms: 1000,
+                timeline: timeline(),
+            }),
+        },
+        Vector {
+            file: "v1_0_heartbeat",
+            describe: "Heartbeat { seq: 7, now: 1000000000 }",
+            message: Message::Heartbeat(Heartbeat {
+                seq: 7,
+                now: ClusterTime(1_000_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_status",
+            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000 }",
+            message: Message::Status(Status {
+                active_voices: 3,
+                clock_offset_ns: -1500,
+                clock_locked: true,
+                load_permille: 250,
+                xruns: 0,
+                late_events: 70_000,
+            }),
+        },
+        Vector {
+            file: "v1_0_voice_on",
+            describe: "VoiceOn { voice: 2, note: 60, velocity: 100, channel: 0, at: 5000000, lease_until: 1005000000 }",
+            message: Message::VoiceOn(VoiceOn {
+                voice: 2,
+                note: 60,
+                velocity: 100,
+                channel: 0,
+                at: ClusterTime(5_000_000),
+                lease_until: ClusterTime(1_005_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_voice_off",
+            describe: "VoiceOff { voice: 2, at: 505000000 }",
+            message: Message::VoiceOff(VoiceOff {
+                voice: 2,
+                at: ClusterTime(505_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_voice_param",
+            describe: "VoiceParam { voice: 2, param: 7, value: 0.25 (f32), at: 6000000 }",
+            message: Message::VoiceParam(VoiceParam {
+                voice: 2,
+                param: 7,
+                value: 0.25,
+                at: ClusterTime(6_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_lease_renew",
+            describe: "LeaseRenew { voices: [0, 1, 200, 65535], until: 2000000000 }",
+            message: Message::LeaseRenew(LeaseRenew {
+                voices,
+                until: ClusterTime(2_000_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_timeline",
+            describe: "Timeline { ns_per_beat: 500000000, beat0_micro: -2500000, t0: 1700000000000000000 }",
+            message: Message::Timeline(timeline()),
+        },
+        Vector {
+            file: "v1_0_cv_set",
+            describe: "CvSet { channel: 1, microvolts: -5000000, at: 7000000 }",
+            message: Message::CvSet(CvSet {
+                channel: 1,
+                microvolts: -5_000_000,
+                at: ClusterTime(7_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_0_bye",
+            describe: "Bye { reason: \"shutting down\" }",
+            message: Message::Bye(Bye {
+                reason: s("shutting down"),
+            }),
+        },
+        Vector {
+            file: "v1_0_error_version_mismatch",
+            describe: "Error(ErrorMsg { code: VersionMismatch, text: \"peer speaks 2.x\" })",
+            message: Message::Error(ErrorMsg {
+                code: ErrorCode::VersionMismatch,
+                text: s("peer speaks 2.x"),
+            }),
+        },
+        Vector {
+            file: "v1_0_error_refused",
+            describe: "Error(ErrorMsg { code: Refused, text: \"no capacity\" })",
+            message: Message::Error(ErrorMsg {
+                code: ErrorCode::Refused,
+                text: s("no capacity"),
+            }),
+        },
+        Vector {
+            file: "v1_0_error_bad_message",
+            describe: "Error(ErrorMsg { code: BadMessage, text: \"\" })",
+            message: Message::Error(ErrorMsg {
+                code: ErrorCode::BadMessage,
+                text: s(""),
+            }),
+        },
+        Vector {
+            file: "v1_0_error_other",
+            describe: "Error(ErrorMsg { code: Other, text: \"é\" })",
+            message: Message::Error(ErrorMsg {
+                code: ErrorCode::Other,
+                text: s("é"),
+            }),
+        },
+    ]
+}
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Hex text to bytes: `#` comments and whitespace are ignored.
+fn parse_hex(text: &str) -> Vec<u8> {
+    let digits: String = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
+    assert!(digits.len() % 2 == 0, "odd number of hex digits");
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
+
+fn to_hex_lines(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    // The header on its own line, then the body 16 bytes a line.
+    let (head, body) = bytes.split_at(6);
+    for b in head {
+        out.push_str(&format!("{b:02x} "));
+    }
+    out.pop();
+    out.push_str("  # len (u32 BE), major, minor\n");
+    for chunk in body.chunks(16) {
+        let line: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        out.push_str(&line.join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+fn encode_rmp(m: &Message) -> Vec<u8> {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let n = encode_frame(m, &mut buf).expect("rmp-serde encodes");
+    buf[..n].to_vec()
+}
+
+fn encode_portable(m: &Message) -> Vec<u8> {
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let n = codec::portable::encode_frame(m, &mut buf).expect("messagepack-serde encodes");
+    buf[..n].to_vec()
+}
+
+fn variant_index(m: &Message) -> usize {
+    match m {
+        Message::Hello(_) => 0,
+        Message::Welcome(_) => 1,
+        Message::Heartbeat(_) => 2,
+        Message::Status(_) => 3,
+        Message::VoiceOn(_) => 4,
+        Message::VoiceOff(_) => 5,
+        Message::VoiceParam(_) => 6,
+        Message::LeaseRenew(_) => 7,
+        Message::Timeline(_) => 8,
+        Message::CvSet(_) => 9,
+        Message::Bye(_) => 10,
+        Message::Error(_) => 11,
+        // A new variant must get a vector (and an index here) before this test passes.
+        _ => panic!("Message variant {} has no golden vector index", m.kind()),
+    }
+}
+
+#[test]
+fn every_variant_has_a_vector() {
+    let mut seen = [false; 12];
+    for v in vectors() {
+        seen[variant_index(&v.message)] = true;
+    }
+    assert!(
+        seen.iter().all(|s| *s),
+        "variants without a vector: {seen:?}"
+    );
+    // The vectors are of the version this build speaks.
+    assert_eq!((PROTOCOL_VERSION, PROTOCOL_MINOR), (1, 0));
+}
+
+#[test]
+fn golden_vectors_match_both_codecs() {
+    let bless = std::env::var_os("VOICEMESH_BLESS").is_some();
+    let mut checked = 0;
+    for v in vectors() {
+        let path = golden_dir().join(format!("{}.hex", v.file));
+        if bless && !path.exists() {
+            std::fs::create_dir_all(golden_dir()).unwrap();
+            let text = format!(
+                "# {}\n# VoiceMesh protocol {}.{}, generated from the encoder.\n{}",
+                v.describe,
+                PROTOCOL_VERSION,
+                PROTOCOL_MINOR,
+                to_hex_lines(&encode_rmp(&v.message))
+            );
+            std::fs::write(&path, text).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (new vector? see this file's docs)", path.display())
+        });
+        let golden = parse_hex(&text);
+
+        assert_eq!(
+            encode_rmp(&v.message),
+            golden,
+            "{}: rmp-serde bytes differ",
+            v.file
+        );
+        assert_eq!(
+            encode_portable(&v.message),
+            golden,
+            "{}: messagepack-serde bytes differ",
+            v.file
+        );
+
+        let (frame, used) = decode_frame(&golden).expect("rmp-serde decodes");
+        assert_eq!(used, golden.len(), "{}", v.file);
+        assert_eq!(frame.message, v.message, "{}: rmp-serde", v.file);
+        assert_eq!(frame.minor, PROTOCOL_MINOR);
+
+        let (frame, used) = codec::portable::decode_frame(&golden).expect("portable decodes");
+        assert_eq!(used, golden.len(), "{}", v.file);
+        assert_eq!(frame.message, v.message, "{}: messagepack-serde", v.file);
+        checked += 1;
+    }
+    assert_eq!(checked, vectors().len());
+}
+
+/// Every `.hex` file under `tests/golden` is one of [`vectors`]: no stale vectors linger.
+#[test]
+fn no_stray_vector_files() {
+    let names: Vec<String> = vectors()
+        .iter()
+        .map(|v| format!("{}.hex", v.file))
+        .collect();
+    for entry in std::fs::read_dir(golden_dir()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(names.contains(&name), "{name} is not in vectors()");
+    }
+}
+
+/// The header bytes of a golden vector are what docs/wire-protocol.md says they are.
+#[test]
+fn header_layout_is_as_documented() {
+    let golden =
+        parse_hex(&std::fs::read_to_string(golden_dir().join("v1_0_heartbeat.hex")).unwrap());
+    let len = u32::from_be_bytes(golden[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, golden.len() - 4);
+    assert_eq!(golden[4], 1, "major");
+    assert_eq!(golden[5], 0, "minor");
+}
