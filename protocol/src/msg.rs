@@ -192,6 +192,10 @@ pub struct ErrorMsg {
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "no_std without alloc: nothing to box into; a Message is at most MAX_FRAME_LEN-sized"
+)]
 pub enum Message {
     /// See [`Hello`].
     Hello(Hello),

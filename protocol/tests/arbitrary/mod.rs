@@ -1,0 +1,159 @@
+//! Proptest strategies for every [`Message`], shared by the property and allocation tests.
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use voicemesh_protocol::{
+    Bye, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_ENGINES,
+    MAX_LEASE_BATCH, Message, Role, Status, Timeline, VoiceOff, VoiceOn, VoiceParam, Welcome,
+};
+
+/// Any text up to `N` bytes, cut at a character boundary (multi-byte characters included).
+pub fn text<const N: usize>() -> impl Strategy<Value = heapless::String<N>> {
+    any::<String>().prop_map(|s| Message::text::<N>(&s))
+}
+
+/// Any f32 but NaN (NaN != NaN would make equal round trips look different).
+pub fn f32_not_nan() -> impl Strategy<Value = f32> {
+    any::<f32>().prop_filter("not NaN", |v| !v.is_nan())
+}
+
+fn time() -> impl Strategy<Value = ClusterTime> {
+    any::<u64>().prop_map(ClusterTime)
+}
+
+fn timeline() -> impl Strategy<Value = Timeline> {
+    (any::<u64>(), any::<i64>(), time()).prop_map(|(ns_per_beat, beat0_micro, t0)| Timeline {
+        ns_per_beat,
+        beat0_micro,
+        t0,
+    })
+}
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![Just(Role::Node), Just(Role::Mcu)]
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::VersionMismatch),
+        Just(ErrorCode::BadMessage),
+        Just(ErrorCode::Refused),
+        Just(ErrorCode::Other),
+    ]
+}
+
+/// Any message of any variant, with values over each field's whole range.
+pub fn message() -> impl Strategy<Value = Message> {
+    let hello = (
+        text::<32>(),
+        text::<32>(),
+        role(),
+        any::<u16>(),
+        any::<u16>(),
+        vec(text::<32>(), 0..=MAX_ENGINES),
+        any::<u32>(),
+    )
+        .prop_map(|(id, name, role, voices, cv, engines, sample_rate)| {
+            Message::Hello(Hello {
+                id,
+                name,
+                role,
+                voices,
+                cv,
+                engines: heapless::Vec::from_iter(engines),
+                sample_rate,
+            })
+        });
+    let welcome = (text::<32>(), any::<u16>(), any::<u32>(), timeline()).prop_map(
+        |(coordinator, heartbeat_ms, lease_ms, timeline)| {
+            Message::Welcome(Welcome {
+                coordinator,
+                heartbeat_ms,
+                lease_ms,
+                timeline,
+            })
+        },
+    );
+    let heartbeat =
+        (any::<u32>(), time()).prop_map(|(seq, now)| Message::Heartbeat(Heartbeat { seq, now }));
+    let status = (
+        any::<u16>(),
+        any::<i64>(),
+        any::<bool>(),
+        any::<u16>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(active_voices, clock_offset_ns, clock_locked, load_permille, xruns, late_events)| {
+                Message::Status(Status {
+                    active_voices,
+                    clock_offset_ns,
+                    clock_locked,
+                    load_permille,
+                    xruns,
+                    late_events,
+                })
+            },
+        );
+    let voice_on = (
+        any::<u16>(),
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        time(),
+        time(),
+    )
+        .prop_map(|(voice, note, velocity, channel, at, lease_until)| {
+            Message::VoiceOn(VoiceOn {
+                voice,
+                note,
+                velocity,
+                channel,
+                at,
+                lease_until,
+            })
+        });
+    let voice_off =
+        (any::<u16>(), time()).prop_map(|(voice, at)| Message::VoiceOff(VoiceOff { voice, at }));
+    let voice_param = (any::<u16>(), any::<u16>(), f32_not_nan(), time()).prop_map(
+        |(voice, param, value, at)| {
+            Message::VoiceParam(VoiceParam {
+                voice,
+                param,
+                value,
+                at,
+            })
+        },
+    );
+    let lease_renew = (vec(any::<u16>(), 0..=MAX_LEASE_BATCH), time()).prop_map(|(v, until)| {
+        Message::LeaseRenew(LeaseRenew {
+            voices: heapless::Vec::from_iter(v),
+            until,
+        })
+    });
+    let cv_set = (any::<u16>(), any::<i32>(), time()).prop_map(|(channel, microvolts, at)| {
+        Message::CvSet(CvSet {
+            channel,
+            microvolts,
+            at,
+        })
+    });
+    let bye = text::<128>().prop_map(|reason| Message::Bye(Bye { reason }));
+    let error = (error_code(), text::<128>())
+        .prop_map(|(code, text)| Message::Error(ErrorMsg { code, text }));
+    prop_oneof![
+        hello,
+        welcome,
+        heartbeat,
+        status,
+        voice_on,
+        voice_off,
+        voice_param,
+        lease_renew,
+        timeline().prop_map(Message::Timeline),
+        cv_set,
+        bye,
+        error,
+    ]
+}
