@@ -1,1 +1,374 @@
-//! placeholder
+//! The VoiceMesh coordinator: finds nodes, hands out voices, takes notes from OSC and serves
+//! the HTTP API and dashboard.
+//!
+//! The decisions live in a sans-IO core, the [`allocator::VoiceAllocator`], which takes `now`
+//! as a value and returns the messages to send. Around it the tokio glue runs a handful of
+//! tasks that share one small lock-protected state: mDNS browsing ([`discovery`]), one QUIC
+//! control session per node ([`session`]), the OSC socket ([`osc`] parses), the lease-renewal
+//! timer, and the axum server. [`start`] binds every socket first, so a port in use or an
+//! unwritable state directory is reported before anything runs; [`RunningCoordinator::wait`]
+//! returns once the shutdown token is cancelled and every task has finished.
+//!
+//! Time: events are stamped in cluster time from the [`ClusterClock`] the caller passes in (on
+//! the coordinator it is the grandmaster's clock; the CLI runs PTP beside it).
+#![deny(missing_docs)]
+
+pub mod allocator;
+pub mod discovery;
+mod http;
+pub mod osc;
+pub mod session;
+mod state;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use voicemesh_node::NetScope;
+use voicemesh_node::clock::ClusterClock;
+use voicemesh_protocol::Timeline;
+
+pub use http::INDEX_HTML;
+pub use state::{
+    ClusterSnapshot, CoordinatorInfo, LatencySnapshot, LatencySummary, NodeSnapshot, OscSnapshot,
+    VoiceCounters,
+};
+
+use allocator::{AllocatorConfig, VoiceAllocator};
+use osc::OscCommand;
+use state::{Inner, Shared};
+
+/// Tempo of the timeline until Ableton Link drives it, in milli-BPM.
+pub const DEFAULT_MILLI_BPM: u32 = 120_000;
+
+/// How the coordinator runs.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Id of this coordinator instance (sent in `Welcome`, shown in the API).
+    pub id: String,
+    /// State directory (holds the token file).
+    pub state_dir: PathBuf,
+    /// HTTP API and dashboard address (default 127.0.0.1:7400).
+    pub http: SocketAddr,
+    /// OSC UDP address (default 127.0.0.1:9000).
+    pub osc: SocketAddr,
+    /// Added to the current cluster time on every event (default 5 ms; 0 = as soon as possible).
+    pub lookahead: Duration,
+    /// Heartbeat interval of the control sessions (default 100 ms).
+    pub heartbeat: Duration,
+    /// A node silent this long is marked offline (default 250 ms).
+    pub offline_after: Duration,
+    /// Voice lease length (default 1 s); held voices are renewed every quarter of it.
+    pub lease: Duration,
+    /// Where mDNS and the node sessions may go.
+    pub scope: NetScope,
+    /// Access token for the HTTP API; `None` loads or creates `state_dir/token`.
+    pub token: Option<String>,
+}
+
+impl CoordinatorConfig {
+    /// The defaults, loopback scope, with `state_dir`.
+    pub fn new(state_dir: PathBuf) -> Self {
+        CoordinatorConfig {
+            id: "coordinator".into(),
+            state_dir,
+            http: SocketAddr::from((
+                [127, 0, 0, 1],
+                voicemesh_protocol::discovery::DEFAULT_HTTP_PORT,
+            )),
+            osc: SocketAddr::from((
+                [127, 0, 0, 1],
+                voicemesh_protocol::discovery::DEFAULT_OSC_PORT,
+            )),
+            lookahead: Duration::from_millis(5),
+            heartbeat: Duration::from_millis(100),
+            offline_after: Duration::from_millis(250),
+            lease: Duration::from_secs(1),
+            scope: NetScope::Loopback,
+            token: None,
+        }
+    }
+}
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The HTTP address is taken.
+    #[error(
+        "HTTP port {0} is already in use (another coordinator running? choose another with --http)"
+    )]
+    HttpPortInUse(SocketAddr),
+    /// The OSC address is taken.
+    #[error("OSC port {0} is already in use (choose another with --osc)")]
+    OscPortInUse(SocketAddr),
+    /// Another bind failure.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The state directory cannot be created or written.
+    #[error("state directory {path} not writable: {source}")]
+    StateDirNotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The token file exists but holds no valid token.
+    #[error(
+        "corrupt token file {path}: expected 16–128 characters of A–Z, a–z, 0–9, '_' or '-'; fix or delete it"
+    )]
+    CorruptToken {
+        /// The token file.
+        path: PathBuf,
+    },
+    /// The token given in the configuration is not acceptable.
+    #[error("the token given is not valid: use 16–128 characters of A–Z, a–z, 0–9, '_' or '-'")]
+    BadToken,
+    /// The QUIC client endpoint could not be created.
+    #[error("cannot create the QUIC endpoint: {0}")]
+    Quic(String),
+    /// mDNS could not be started.
+    #[error("cannot start mDNS: {0}")]
+    Mdns(String),
+}
+
+/// Why the coordinator stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// A started coordinator.
+#[derive(Debug)]
+pub struct RunningCoordinator {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    osc_addr: SocketAddr,
+    token: Arc<str>,
+    tracker: TaskTracker,
+    connectors: discovery::Connectors,
+    error: Arc<Mutex<Option<RunError>>>,
+}
+
+impl RunningCoordinator {
+    /// Where the HTTP API listens (with the real port if 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Where OSC is received (with the real port if 0 was asked for).
+    pub fn osc_addr(&self) -> SocketAddr {
+        self.osc_addr
+    }
+
+    /// The API access token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The dashboard's URL, token included.
+    pub fn dashboard_url(&self) -> String {
+        format!("http://{}/?token={}", self.http_addr, self.token)
+    }
+
+    /// The same data `/api/cluster` serves.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Keeps a control session with a node at `addr` without mDNS (tests, static setups).
+    pub fn add_node_addr(&self, addr: SocketAddr) {
+        self.connectors.add(addr);
+    }
+
+    /// Waits until the shutdown token is cancelled and every task has finished.
+    pub async fn wait(self) -> Result<(), RunError> {
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.connectors.endpoint.wait_idle().await;
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn bind_error(e: std::io::Error, what: &'static str, addr: SocketAddr) -> StartError {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        match what {
+            "HTTP" => StartError::HttpPortInUse(addr),
+            _ => StartError::OscPortInUse(addr),
+        }
+    } else {
+        StartError::Bind {
+            what,
+            addr,
+            source: e,
+        }
+    }
+}
+
+/// Binds every socket, then starts discovery, sessions, OSC, lease renewal and HTTP.
+pub async fn start(
+    cfg: CoordinatorConfig,
+    clock: Arc<ClusterClock>,
+    shutdown: CancellationToken,
+) -> Result<RunningCoordinator, StartError> {
+    let token: Arc<str> = token::load_or_create(cfg.token.as_deref(), &cfg.state_dir)?.into();
+    let http_listener = tokio::net::TcpListener::bind(cfg.http)
+        .await
+        .map_err(|e| bind_error(e, "HTTP", cfg.http))?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|e| bind_error(e, "HTTP", cfg.http))?;
+    let osc_socket = UdpSocket::bind(cfg.osc)
+        .await
+        .map_err(|e| bind_error(e, "OSC", cfg.osc))?;
+    let osc_addr = osc_socket
+        .local_addr()
+        .map_err(|e| bind_error(e, "OSC", cfg.osc))?;
+    let endpoint = session::client_endpoint(SocketAddr::new(cfg.scope.bind_ip(), 0))
+        .map_err(StartError::Quic)?;
+
+    let alloc_cfg = AllocatorConfig {
+        lookahead_ns: cfg.lookahead.as_nanos() as u64,
+        lease_ns: cfg.lease.as_nanos() as u64,
+        renew_every_ns: (cfg.lease / 4).as_nanos().max(1) as u64,
+    };
+    let shared = Arc::new(Shared {
+        id: cfg.id.clone(),
+        timeline: Timeline::from_milli_bpm(DEFAULT_MILLI_BPM, clock.now()),
+        clock,
+        lookahead: cfg.lookahead,
+        heartbeat: cfg.heartbeat,
+        offline_after: cfg.offline_after,
+        lease: cfg.lease,
+        inner: Mutex::new(Inner {
+            alloc: VoiceAllocator::new(alloc_cfg),
+            nodes: Default::default(),
+            counters: Default::default(),
+            latency: Default::default(),
+            next_generation: 0,
+        }),
+        renew_wakeup: tokio::sync::Notify::new(),
+    });
+
+    let tracker = TaskTracker::new();
+    let connectors =
+        discovery::Connectors::new(shared.clone(), endpoint, tracker.clone(), shutdown.clone());
+    let mdns = discovery::mdns_daemon(cfg.scope).map_err(|e| StartError::Mdns(e.to_string()))?;
+    tracker.spawn(discovery::browse(
+        mdns,
+        connectors.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(osc_task(shared.clone(), osc_socket, shutdown.clone()));
+    tracker.spawn(renew_task(shared.clone(), shutdown.clone()));
+
+    let error = Arc::new(Mutex::new(None));
+    let app = http::router(shared.clone(), token.clone());
+    let (err_slot, stop) = (error.clone(), shutdown.clone());
+    tracker.spawn(async move {
+        let served = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!("HTTP server failed: {e}");
+            *err_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunError::Http(e));
+        }
+    });
+    tracing::info!(%http_addr, %osc_addr, "coordinator started");
+    Ok(RunningCoordinator {
+        shared,
+        http_addr,
+        osc_addr,
+        token,
+        tracker,
+        connectors,
+        error,
+    })
+}
+
+/// Receives OSC datagrams, turns them into allocator calls and queues the resulting events.
+async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationToken) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, _)) => n,
+                Err(e) => {
+                    // ICMP errors and the like: keep serving.
+                    tracing::debug!("OSC receive error: {e}");
+                    continue;
+                }
+            },
+        };
+        let rx_at = Instant::now();
+        let (cmds, drops) = osc::parse_datagram(&buf[..n]);
+        let now = shared.now();
+        let mut g = shared.lock();
+        g.counters.osc_received += 1;
+        for r in drops {
+            *g.counters.osc_dropped.entry(r).or_insert(0) += 1;
+        }
+        let mut wake = false;
+        for c in cmds {
+            let actions = match c {
+                OscCommand::Note {
+                    note,
+                    velocity,
+                    channel,
+                } => {
+                    g.counters.osc_notes += 1;
+                    wake |= velocity > 0;
+                    g.alloc.note_on(now, note, velocity, channel)
+                }
+                OscCommand::Panic => g.alloc.panic(now),
+            };
+            g.dispatch(actions, Some(rx_at));
+        }
+        drop(g);
+        if wake {
+            shared.renew_wakeup.notify_one();
+        }
+    }
+}
+
+/// Sends lease renewals when the allocator says they are due.
+async fn renew_task(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let wait = {
+            let now = shared.now();
+            let mut g = shared.lock();
+            let actions = g.alloc.renewals(now);
+            g.dispatch(actions, None);
+            g.alloc
+                .poll_timeout()
+                .map(|t| Duration::from_nanos(t.nanos_since(now).max(0) as u64))
+        };
+        // Without held voices, sleep until a note-on wakes us (bounded, to stay robust).
+        let wait = wait.unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.renew_wakeup.notified() => {}
+            _ = sleep(wait) => {}
+        }
+    }
+}

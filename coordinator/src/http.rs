@@ -1,0 +1,188 @@
+//! The HTTP API and dashboard (axum). Endpoints and the JSON schema: `docs/http-api.md`.
+//!
+//! Every endpoint except the dashboard page itself needs the token, as `?token=T` or
+//! `Authorization: Bearer T`; without it the answer is 401 with a JSON error. The page is
+//! served without a token because it holds no data: it reads the token from its own URL and
+//! sends it with its API calls.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::state::Shared;
+
+/// The dashboard page, embedded at build time.
+pub const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+#[derive(Debug, Clone)]
+struct App {
+    shared: Arc<Shared>,
+    token: Arc<str>,
+}
+
+pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>) -> Router {
+    let app = App { shared, token };
+    let api = Router::new()
+        .route("/api/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/", get(index))
+        .merge(api)
+        .fallback(not_found)
+        .with_state(app)
+}
+
+fn json_error(status: StatusCode, msg: &str) -> Response {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Compares without an early exit, so response time does not reveal a matching prefix.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn presented_token(req: &Request) -> Option<&str> {
+    if let Some(h) = req.headers().get(header::AUTHORIZATION)
+        && let Ok(s) = h.to_str()
+        && let Some(t) = s.strip_prefix("Bearer ")
+    {
+        return Some(t.trim());
+    }
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
+async fn require_token(State(app): State<App>, req: Request, next: Next) -> Response {
+    match presented_token(&req) {
+        Some(t) if same(t.as_bytes(), app.token.as_bytes()) => next.run(req).await,
+        Some(_) => json_error(StatusCode::UNAUTHORIZED, "wrong token"),
+        None => json_error(
+            StatusCode::UNAUTHORIZED,
+            "token required: add ?token=T or the header Authorization: Bearer T (the token is printed at start-up and stored in the state directory)",
+        ),
+    }
+}
+
+async fn index() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        INDEX_HTML,
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see docs/http-api.md",
+    )
+}
+
+async fn cluster(State(app): State<App>) -> Response {
+    match serde_json::to_string(&app.shared.snapshot()) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let s = app.shared.snapshot();
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, lines: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let online = s.nodes.iter().filter(|n| n.online).count() as u64;
+    metric(
+        "voicemesh_nodes",
+        "Known nodes.",
+        "gauge",
+        &[(String::new(), s.nodes.len() as u64)],
+    );
+    metric(
+        "voicemesh_nodes_online",
+        "Nodes with a live session.",
+        "gauge",
+        &[(String::new(), online)],
+    );
+    metric(
+        "voicemesh_voices",
+        "Voice slots across online nodes.",
+        "gauge",
+        &[(String::new(), s.voices.capacity)],
+    );
+    metric(
+        "voicemesh_voices_active",
+        "Voices assigned right now.",
+        "gauge",
+        &[(String::new(), s.voices.active)],
+    );
+    metric(
+        "voicemesh_voices_stolen_total",
+        "Voices stolen because all were busy.",
+        "counter",
+        &[(String::new(), s.voices.stolen)],
+    );
+    metric(
+        "voicemesh_osc_received_total",
+        "OSC datagrams received.",
+        "counter",
+        &[(String::new(), s.osc.received)],
+    );
+    let dropped: Vec<(String, u64)> = s
+        .osc
+        .dropped
+        .iter()
+        .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), *v))
+        .collect();
+    metric(
+        "voicemesh_osc_dropped_total",
+        "OSC messages or datagrams dropped, by reason.",
+        "counter",
+        &dropped,
+    );
+    metric(
+        "voicemesh_session_decode_errors_total",
+        "Control-session frames that failed to decode.",
+        "counter",
+        &[(String::new(), s.voices.decode_errors)],
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        out,
+    )
+        .into_response()
+}

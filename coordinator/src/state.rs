@@ -1,0 +1,328 @@
+//! State shared by the coordinator's tasks, and the snapshot served at `/api/cluster`.
+//!
+//! One mutex guards the allocator, the node registry and the counters. Every critical section
+//! is short and never awaits: sessions get their messages through bounded channels, filled with
+//! `try_send` under the lock, so a slow node cannot stall OSC input (a full queue is counted).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use voicemesh_node::clock::ClusterClock;
+use voicemesh_protocol::{ClusterTime, Message, Role, Status, Timeline};
+
+use crate::allocator::{Action, VoiceAllocator};
+use crate::osc::DropReason;
+
+/// Samples kept for the latency summary.
+pub const LATENCY_SAMPLES: usize = 4096;
+/// Depth of each session's outgoing queue.
+pub const SESSION_QUEUE: usize = 1024;
+
+/// A message on its way to a node, with the moment its OSC datagram arrived (for latency).
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub msg: Message,
+    pub osc_rx: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub(crate) struct NodeEntry {
+    pub name: String,
+    pub role: String,
+    pub address: String,
+    pub voices: u16,
+    pub online: bool,
+    pub status: Option<Status>,
+    pub last_seen: Option<Instant>,
+    pub error: Option<String>,
+    /// The session currently serving this node: its generation and queue.
+    pub session: Option<(u64, mpsc::Sender<Outgoing>)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub osc_received: u64,
+    pub osc_notes: u64,
+    pub osc_dropped: BTreeMap<DropReason, u64>,
+    pub decode_errors: u64,
+    pub queue_full: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub alloc: VoiceAllocator,
+    pub nodes: BTreeMap<String, NodeEntry>,
+    pub counters: Counters,
+    pub latency: VecDeque<u32>,
+    pub next_generation: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub id: String,
+    pub clock: Arc<ClusterClock>,
+    pub timeline: Timeline,
+    pub lookahead: Duration,
+    pub heartbeat: Duration,
+    pub offline_after: Duration,
+    pub lease: Duration,
+    pub inner: Mutex<Inner>,
+    /// Woken when a note-on may have moved the allocator's renewal deadline earlier.
+    pub renew_wakeup: Notify,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic elsewhere; the data is still consistent enough to
+        // report, and the daemon aborts on panic in release builds anyway.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn now(&self) -> ClusterTime {
+        self.clock.now()
+    }
+}
+
+impl Inner {
+    /// Queues the allocator's actions on their sessions. `osc_rx` is stamped on VoiceOns.
+    pub fn dispatch(&mut self, actions: Vec<Action>, osc_rx: Option<Instant>) {
+        for (node, msg) in actions {
+            let stamp = matches!(msg, Message::VoiceOn(_))
+                .then_some(osc_rx)
+                .flatten();
+            let sent = self
+                .nodes
+                .get(&node)
+                .and_then(|n| n.session.as_ref())
+                .map(|(_, tx)| tx.try_send(Outgoing { msg, osc_rx: stamp }).is_ok());
+            if sent != Some(true) {
+                self.counters.queue_full += 1;
+                tracing::warn!(node, "session queue full or gone; event dropped");
+            }
+        }
+    }
+
+    pub fn record_latency(&mut self, d: Duration) {
+        if self.latency.len() == LATENCY_SAMPLES {
+            self.latency.pop_front();
+        }
+        self.latency
+            .push_back(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+    }
+
+    fn latency_summary(&self) -> LatencySummary {
+        let mut v: Vec<u32> = self.latency.iter().copied().collect();
+        v.sort_unstable();
+        let pct = |p: usize| -> u32 {
+            if v.is_empty() {
+                0
+            } else {
+                v[((v.len() - 1) * p).div_ceil(100)]
+            }
+        };
+        LatencySummary {
+            count: v.len() as u64,
+            p50: pct(50),
+            p99: pct(99),
+            max: v.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The coordinator itself, in a [`ClusterSnapshot`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorInfo {
+    /// Coordinator id.
+    pub id: String,
+    /// Cluster time when the snapshot was taken, in nanoseconds (PTP/TAI timescale).
+    pub cluster_time_ns: u64,
+}
+
+/// One node, in a [`ClusterSnapshot`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeSnapshot {
+    /// Node id (from its Hello, or from its mDNS TXT record before a session).
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// `node` or `mcu`.
+    pub role: String,
+    /// Whether the node's session is up and it was heard from within `offline_after`.
+    pub online: bool,
+    /// `ip:port` of the node's control session.
+    pub address: String,
+    /// Voice slots the node offers.
+    pub voices: u16,
+    /// Voices the coordinator has assigned to this node right now.
+    pub active_voices: u16,
+    /// The node's last reported clock offset from the grandmaster, in nanoseconds.
+    pub clock_offset_ns: i64,
+    /// Whether the node reports its clock as locked.
+    pub clock_locked: bool,
+    /// Audio callback load, per mille.
+    pub load_permille: u16,
+    /// Buffer under/overruns reported by the node.
+    pub xruns: u32,
+    /// Events the node played late.
+    pub late_events: u32,
+    /// Milliseconds since the coordinator last heard from the node, if ever.
+    pub last_seen_ms: Option<u64>,
+    /// Why the node is not usable (protocol mismatch, session error), if it is not.
+    pub error: Option<String>,
+}
+
+/// OSC counters, in a [`ClusterSnapshot`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OscSnapshot {
+    /// Datagrams received.
+    pub received: u64,
+    /// Note messages accepted (on and off).
+    pub notes: u64,
+    /// Messages or datagrams dropped, by reason (see docs/osc.md).
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// Summary of latency samples, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples in the window (at most 4096, the most recent).
+    pub count: u64,
+    /// Median.
+    pub p50: u32,
+    /// 99th percentile.
+    pub p99: u32,
+    /// Largest sample.
+    pub max: u32,
+}
+
+/// Latency measurements, in a [`ClusterSnapshot`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySnapshot {
+    /// From an OSC datagram received to its VoiceOn written to the node's stream.
+    pub osc_to_session_us: LatencySummary,
+}
+
+/// Allocator and session counters, in a [`ClusterSnapshot`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoiceCounters {
+    /// Voice slots across online nodes.
+    pub capacity: u64,
+    /// Voices assigned right now.
+    pub active: u64,
+    /// Voices stolen since start.
+    pub stolen: u64,
+    /// Note-ons dropped because no node offered a voice.
+    pub no_voices: u64,
+    /// Voices dropped because their node went offline.
+    pub lost: u64,
+    /// Events dropped because a session's queue was full or gone.
+    pub queue_full: u64,
+    /// Control-session frames that failed to decode.
+    pub decode_errors: u64,
+}
+
+/// Everything `/api/cluster` reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSnapshot {
+    /// The coordinator.
+    pub coordinator: CoordinatorInfo,
+    /// Current tempo of the timeline.
+    pub tempo_bpm: f64,
+    /// Ableton Link peers (0 until Link is implemented).
+    pub link_peers: u32,
+    /// Lookahead stamped on every event, in milliseconds.
+    pub lookahead_ms: u64,
+    /// Known nodes, sorted by id.
+    pub nodes: Vec<NodeSnapshot>,
+    /// OSC input counters.
+    pub osc: OscSnapshot,
+    /// Latency measurements.
+    pub latency: LatencySnapshot,
+    /// Allocator and session counters.
+    pub voices: VoiceCounters,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let now_local = Instant::now();
+        let cluster_time = self.now();
+        let g = self.lock();
+        let nodes = g
+            .nodes
+            .iter()
+            .map(|(id, n)| {
+                let st = n.status.unwrap_or(Status {
+                    active_voices: 0,
+                    clock_offset_ns: 0,
+                    clock_locked: false,
+                    load_permille: 0,
+                    xruns: 0,
+                    late_events: 0,
+                });
+                NodeSnapshot {
+                    id: id.clone(),
+                    name: n.name.clone(),
+                    role: n.role.clone(),
+                    online: n.online,
+                    address: n.address.clone(),
+                    voices: n.voices,
+                    active_voices: u16::try_from(g.alloc.active_voices(id)).unwrap_or(u16::MAX),
+                    clock_offset_ns: st.clock_offset_ns,
+                    clock_locked: st.clock_locked,
+                    load_permille: st.load_permille,
+                    xruns: st.xruns,
+                    late_events: st.late_events,
+                    last_seen_ms: n
+                        .last_seen
+                        .map(|t| now_local.saturating_duration_since(t).as_millis() as u64),
+                    error: n.error.clone(),
+                }
+            })
+            .collect();
+        let stats = g.alloc.stats();
+        ClusterSnapshot {
+            coordinator: CoordinatorInfo {
+                id: self.id.clone(),
+                cluster_time_ns: cluster_time.as_nanos(),
+            },
+            tempo_bpm: f64::from(self.timeline.milli_bpm()) / 1000.0,
+            link_peers: 0,
+            lookahead_ms: self.lookahead.as_millis() as u64,
+            nodes,
+            osc: OscSnapshot {
+                received: g.counters.osc_received,
+                notes: g.counters.osc_notes,
+                dropped: DropReason::ALL
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.as_str().to_owned(),
+                            g.counters.osc_dropped.get(r).copied().unwrap_or(0),
+                        )
+                    })
+                    .collect(),
+            },
+            latency: LatencySnapshot {
+                osc_to_session_us: g.latency_summary(),
+            },
+            voices: VoiceCounters {
+                capacity: g.alloc.capacity() as u64,
+                active: g.alloc.total_active() as u64,
+                stolen: stats.stolen,
+                no_voices: stats.no_voices,
+                lost: stats.lost,
+                queue_full: g.counters.queue_full,
+                decode_errors: g.counters.decode_errors,
+            },
+        }
+    }
+}
+
+/// Role name for the snapshot.
+pub(crate) fn role_name(r: Role) -> String {
+    r.as_str().to_owned()
+}
