@@ -121,5 +121,8 @@ fn render_and_events_never_allocate() {
     assert_eq!(allocs, 0, "the render path allocated {allocs} times");
     assert!(counters.blocks.load(std::sync::atomic::Ordering::Relaxed) == 2_000);
     assert!(counters.late() > 0, "the workload includes late events");
-    assert!(counters.dropped() > 0, "the workload includes out-of-range voices");
+    assert!(
+        counters.dropped() > 0,
+        "the workload includes out-of-range voices"
+    );
 }

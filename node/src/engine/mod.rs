@@ -132,7 +132,10 @@ impl EngineCounters {
         let n = self.load_count.swap(0, Ordering::Relaxed);
         let max = self.load_max.swap(0, Ordering::Relaxed);
         let mean = sum.checked_div(n).unwrap_or(0);
-        (mean.min(u64::from(u16::MAX)) as u16, max.min(u32::from(u16::MAX)) as u16)
+        (
+            mean.min(u64::from(u16::MAX)) as u16,
+            max.min(u32::from(u16::MAX)) as u16,
+        )
     }
 
     fn get(a: &AtomicU32) -> u32 {
