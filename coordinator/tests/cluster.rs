@@ -1,0 +1,523 @@
+//! In-process tests of the coordinator on 127.0.0.1 against a fake node written here with
+//! quinn: handshake, OSC → VoiceOn timing, offline detection, HTTP auth, hostile input.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rosc::{OscBundle, OscMessage, OscPacket, OscTime, OscType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use voicemesh_coordinator::{
+    ClusterSnapshot, CoordinatorConfig, RunningCoordinator, StartError, start,
+};
+use voicemesh_node::clock::ClusterClock;
+use voicemesh_protocol::{
+    ClusterTime, FrameReader, Heartbeat, Hello, Message, Role, Welcome, discovery, encode_frame_vec,
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "vm-coord-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &TempDir) -> CoordinatorConfig {
+    let mut cfg = CoordinatorConfig::new(dir.0.clone());
+    cfg.id = "test-coord".into();
+    cfg.http = "127.0.0.1:0".parse().unwrap();
+    cfg.osc = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+struct Fixture {
+    coord: RunningCoordinator,
+    clock: Arc<ClusterClock>,
+    shutdown: CancellationToken,
+    _dir: TempDir,
+}
+
+async fn coordinator() -> Fixture {
+    let dir = TempDir::new();
+    let clock = Arc::new(ClusterClock::new());
+    let shutdown = CancellationToken::new();
+    let coord = start(config(&dir), clock.clone(), shutdown.clone())
+        .await
+        .expect("coordinator starts");
+    Fixture {
+        coord,
+        clock,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+/// A node's QUIC server with a self-signed certificate.
+fn node_endpoint() -> quinn::Endpoint {
+    let cert = rcgen::generate_simple_self_signed(vec!["voicemesh-node".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    tls.alpn_protocols = vec![discovery::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+struct FakeNode {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    /// Taken by the heartbeat task in the test that silences the node.
+    send: Option<quinn::SendStream>,
+    recv: quinn::RecvStream,
+    reader: FrameReader,
+}
+
+impl FakeNode {
+    async fn write(&mut self, m: &Message) {
+        self.send
+            .as_mut()
+            .expect("send stream")
+            .write_all(&encode_frame_vec(m).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Next message from the coordinator, or `None` at end of stream / connection loss.
+    async fn next(&mut self) -> Option<Message> {
+        loop {
+            if let Some(f) = self
+                .reader
+                .next_frame()
+                .expect("coordinator sends valid frames")
+            {
+                return Some(f.message);
+            }
+            match self.recv.read(self.reader.spare()).await {
+                Ok(Some(n)) => self.reader.filled(n),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Skips heartbeats until a message for which `pick` returns `Some`.
+    async fn until<T>(&mut self, mut pick: impl FnMut(&Message) -> Option<T>) -> T {
+        timeout(Duration::from_secs(5), async {
+            loop {
+                let m = self.next().await.expect("session open");
+                if let Some(t) = pick(&m) {
+                    return t;
+                }
+            }
+        })
+        .await
+        .expect("message within 5 s")
+    }
+}
+
+/// Starts a fake node, has the coordinator connect to it, and completes the handshake.
+async fn join(coord: &RunningCoordinator, id: &str, voices: u16) -> (FakeNode, Welcome) {
+    let ep = node_endpoint();
+    coord.add_node_addr(ep.local_addr().unwrap());
+    let conn = timeout(Duration::from_secs(5), async {
+        ep.accept()
+            .await
+            .expect("incoming")
+            .await
+            .expect("handshake")
+    })
+    .await
+    .expect("coordinator connects");
+    assert_eq!(
+        conn.handshake_data()
+            .unwrap()
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .unwrap()
+            .protocol
+            .as_deref(),
+        Some(discovery::ALPN)
+    );
+    let (send, recv) = timeout(Duration::from_secs(5), conn.accept_bi())
+        .await
+        .expect("stream opened")
+        .expect("stream");
+    let mut node = FakeNode {
+        _endpoint: ep,
+        conn,
+        send: Some(send),
+        recv,
+        reader: FrameReader::new(),
+    };
+    node.write(&Message::Hello(Hello {
+        id: Message::text(id),
+        name: Message::text("fake"),
+        role: Role::Node,
+        voices,
+        cv: 0,
+        engines: heapless::Vec::new(),
+        sample_rate: 48_000,
+    }))
+    .await;
+    let welcome = node
+        .until(|m| match m {
+            Message::Welcome(w) => Some(w.clone()),
+            _ => None,
+        })
+        .await;
+    (node, welcome)
+}
+
+/// Sends heartbeats from the fake node every 50 ms until `stop`; returns the time of the last
+/// one and the stream (dropping it would finish the stream, a clean close, not silence).
+fn heartbeats(
+    mut send: quinn::SendStream,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<(Instant, quinn::SendStream)> {
+    tokio::spawn(async move {
+        let mut seq = 0;
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return (last, send),
+                _ = tick.tick() => {
+                    seq += 1;
+                    let hb = Message::Heartbeat(Heartbeat { seq, now: ClusterTime(0) });
+                    send.write_all(&encode_frame_vec(&hb).unwrap()).await.unwrap();
+                    last = Instant::now();
+                }
+            }
+        }
+    })
+}
+
+async fn wait_for(
+    coord: &RunningCoordinator,
+    within: Duration,
+    mut cond: impl FnMut(&ClusterSnapshot) -> bool,
+) -> ClusterSnapshot {
+    let end = Instant::now() + within;
+    loop {
+        let s = coord.snapshot();
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "condition not met within {within:?}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn osc(addr: &str, args: Vec<OscType>) -> Vec<u8> {
+    rosc::encoder::encode(&OscPacket::Message(OscMessage {
+        addr: addr.into(),
+        args,
+    }))
+    .unwrap()
+}
+
+async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osc_note_reaches_node_stamped_and_node_goes_offline() {
+    let f = coordinator().await;
+    let (node, welcome) = join(&f.coord, "fake-1", 4).await;
+    assert_eq!(welcome.coordinator.as_str(), "test-coord");
+    assert_eq!((welcome.heartbeat_ms, welcome.lease_ms), (100, 1000));
+    assert_eq!(welcome.timeline.milli_bpm(), 120_000);
+
+    let mut node = node;
+    let stop = CancellationToken::new();
+    let hb = heartbeats(node.send.take().expect("send stream"), stop.clone());
+
+    let s = f.coord.snapshot();
+    assert_eq!(s.nodes.len(), 1);
+    assert!(s.nodes[0].online);
+    assert_eq!((s.nodes[0].id.as_str(), s.nodes[0].voices), ("fake-1", 4));
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let before = f.clock.now();
+    sock.send_to(
+        &osc(
+            "/voicemesh/note",
+            vec![OscType::Int(60), OscType::Int(100), OscType::Int(2)],
+        ),
+        f.coord.osc_addr(),
+    )
+    .await
+    .unwrap();
+    let on = node
+        .until(|m| match m {
+            Message::VoiceOn(v) => Some(*v),
+            _ => None,
+        })
+        .await;
+    let after = f.clock.now();
+    assert_eq!((on.note, on.velocity, on.channel), (60, 100, 2));
+    let lookahead = 5_000_000;
+    assert!(
+        on.at.nanos_since(before) >= lookahead && after.nanos_since(on.at) >= -lookahead,
+        "at {} not within [{before}+5ms, {after}+5ms]",
+        on.at
+    );
+    assert_eq!(on.lease_until.nanos_since(on.at), 1_000_000_000);
+    let s = wait_for(&f.coord, Duration::from_secs(2), |s| {
+        s.latency.osc_to_session_us.count == 1
+    })
+    .await;
+    assert_eq!(s.nodes[0].active_voices, 1);
+    assert_eq!(s.osc.notes, 1);
+
+    // Velocity 0 as floats: note-off for the same voice.
+    sock.send_to(
+        &osc(
+            "/voicemesh/note",
+            vec![
+                OscType::Float(60.0),
+                OscType::Float(0.0),
+                OscType::Float(2.0),
+            ],
+        ),
+        f.coord.osc_addr(),
+    )
+    .await
+    .unwrap();
+    let off = node
+        .until(|m| match m {
+            Message::VoiceOff(v) => Some(*v),
+            _ => None,
+        })
+        .await;
+    assert_eq!(off.voice, on.voice);
+
+    // The node goes silent: offline within 300 ms of its last heartbeat.
+    stop.cancel();
+    let (last, _keep_open) = hb.await.unwrap();
+    let s = wait_for(&f.coord, Duration::from_millis(600), |s| !s.nodes[0].online).await;
+    let took = last.elapsed();
+    assert!(took < Duration::from_millis(300), "offline after {took:?}");
+    assert!(
+        s.nodes[0].error.as_deref().unwrap_or("").contains("silent"),
+        "{s:?}"
+    );
+    assert_eq!(s.voices.capacity, 0);
+
+    f.shutdown.cancel();
+    timeout(Duration::from_secs(5), f.coord.wait())
+        .await
+        .expect("shuts down")
+        .expect("clean");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_needs_token_and_serves_snapshot() {
+    let f = coordinator().await;
+    let addr = f.coord.http_addr();
+    let token = f.coord.token().to_owned();
+    assert_eq!(token.len(), 32);
+    assert_eq!(
+        f.coord.dashboard_url(),
+        format!("http://{addr}/?token={token}")
+    );
+
+    let (st, body) = http_get(addr, "/api/cluster", None).await;
+    assert_eq!(st, 401);
+    assert!(body.contains("\"error\""), "{body}");
+    let (st, _) = http_get(
+        addr,
+        "/api/cluster",
+        Some("0123456789abcdef0123456789abcdef"),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let (st, _) = http_get(addr, "/metrics", None).await;
+    assert_eq!(st, 401);
+
+    let (st, body) = http_get(addr, "/api/cluster", Some(&token)).await;
+    assert_eq!(st, 200);
+    let snap: ClusterSnapshot = serde_json::from_str(&body).expect("snapshot JSON");
+    assert_eq!(snap.coordinator.id, "test-coord");
+    assert_eq!(snap.tempo_bpm, 120.0);
+    assert_eq!(snap.lookahead_ms, 5);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for k in [
+        "coordinator",
+        "tempo_bpm",
+        "link_peers",
+        "lookahead_ms",
+        "nodes",
+        "osc",
+        "latency",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+
+    let (st, body) = http_get(addr, &format!("/metrics?token={token}"), None).await;
+    assert_eq!(st, 200);
+    assert!(body.contains("voicemesh_nodes_online 0"), "{body}");
+
+    let (st, body) = http_get(addr, "/", None).await;
+    assert_eq!(st, 200);
+    assert!(body.contains("/api/cluster"));
+
+    f.shutdown.cancel();
+    f.coord.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_osc_is_counted_and_service_goes_on() {
+    let f = coordinator().await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut deep = OscPacket::Message(OscMessage {
+        addr: "/voicemesh/panic".into(),
+        args: vec![],
+    });
+    for _ in 0..100 {
+        deep = OscPacket::Bundle(OscBundle {
+            timetag: OscTime::from((0, 1)),
+            content: vec![deep],
+        });
+    }
+    let datagrams = [
+        b"\x00\xff garbage".to_vec(),
+        rosc::encoder::encode(&deep).unwrap(),
+        osc("/nope", vec![]),
+        osc("/voicemesh/note", vec![OscType::Int(300), OscType::Int(1)]),
+        osc("/voicemesh/note", vec![OscType::String("x".into())]),
+    ];
+    for d in &datagrams {
+        sock.send_to(d, f.coord.osc_addr()).await.unwrap();
+    }
+    let s = wait_for(&f.coord, Duration::from_secs(2), |s| {
+        s.osc.received == datagrams.len() as u64
+    })
+    .await;
+    for (reason, n) in [
+        ("malformed", 1),
+        ("too_deep", 1),
+        ("unknown_address", 1),
+        ("out_of_range", 1),
+        ("bad_args", 1),
+    ] {
+        assert_eq!(s.osc.dropped[reason], n, "{reason}: {:?}", s.osc.dropped);
+    }
+    // Still serving: a valid note with no nodes is counted as a note.
+    sock.send_to(
+        &osc("/voicemesh/note", vec![OscType::Int(1), OscType::Int(1)]),
+        f.coord.osc_addr(),
+    )
+    .await
+    .unwrap();
+    let s = wait_for(&f.coord, Duration::from_secs(2), |s| s.osc.notes == 1).await;
+    assert_eq!(s.voices.no_voices, 1);
+    f.shutdown.cancel();
+    f.coord.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frame_gets_error_and_close() {
+    let f = coordinator().await;
+    let (mut node, _) = join(&f.coord, "fake-bad", 2).await;
+    // A frame claiming protocol major 9.
+    node.send
+        .as_mut()
+        .unwrap()
+        .write_all(&[0, 0, 0, 3, 9, 0, 0xc0])
+        .await
+        .unwrap();
+    let err = node
+        .until(|m| match m {
+            Message::Error(e) => Some(e.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(err.text.contains("protocol 9"), "{}", err.text);
+    timeout(Duration::from_secs(2), node.conn.closed())
+        .await
+        .expect("coordinator closes");
+    let s = wait_for(&f.coord, Duration::from_secs(2), |s| {
+        s.voices.decode_errors == 1 && !s.nodes[0].online
+    })
+    .await;
+    assert!(
+        s.nodes[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("bad frame")
+    );
+    f.shutdown.cancel();
+    f.coord.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn ports_in_use_and_corrupt_token_are_named() {
+    let dir = TempDir::new();
+    let clock = Arc::new(ClusterClock::new());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(&dir);
+    cfg.http = taken.local_addr().unwrap();
+    let e = start(cfg, clock.clone(), CancellationToken::new())
+        .await
+        .expect_err("port taken");
+    assert!(matches!(e, StartError::HttpPortInUse(_)));
+    assert!(e.to_string().contains("already in use"), "{e}");
+
+    let taken_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(&dir);
+    cfg.osc = taken_udp.local_addr().unwrap();
+    let e = start(cfg, clock.clone(), CancellationToken::new())
+        .await
+        .expect_err("port taken");
+    assert!(matches!(e, StartError::OscPortInUse(_)), "{e}");
+
+    std::fs::write(dir.0.join("token"), "").unwrap();
+    let e = start(config(&dir), clock, CancellationToken::new())
+        .await
+        .expect_err("corrupt token");
+    assert!(e.to_string().contains("corrupt token file"), "{e}");
+    assert!(e.to_string().contains(&dir.0.display().to_string()), "{e}");
+}
