@@ -1,6 +1,7 @@
 //! The node's control session: a QUIC server the coordinator connects to.
 //!
-//! Order on the one bidirectional stream the coordinator opens: the node sends `Hello`; the
+//! Order on the one bidirectional stream the coordinator opens (its first write, a `Heartbeat`
+//! with seq 0, is what makes a QUIC stream visible to the node): the node sends `Hello`; the
 //! coordinator answers `Welcome` (an `Error` instead ends the session). From then on the node
 //! sends `Heartbeat` and `Status` every heartbeat interval (from `Welcome`) and passes voice
 //! events, lease renewals and timelines to the engine's queue. A frame that fails to decode
@@ -60,8 +61,12 @@ pub struct SessionShared {
 pub fn server_config(id: &str) -> Result<quinn::ServerConfig, NodeError> {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     let tls = |e: &dyn std::fmt::Display| NodeError::Tls(e.to_string());
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), id.to_string()])
-        .map_err(|e| tls(&e))?;
+    let cert = rcgen::generate_simple_self_signed(vec![
+        "voicemesh-node".to_string(),
+        "localhost".to_string(),
+        id.to_string(),
+    ])
+    .map_err(|e| tls(&e))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -378,6 +383,8 @@ impl Session {
                     Err(End::PeerError(e.text.to_string()))
                 }
                 Message::Bye(b) => Err(End::PeerClosed(b.reason.to_string())),
+                // The coordinator's first write (a stream is invisible until written to).
+                Message::Heartbeat(_) => Ok(()),
                 other => {
                     warn!("ignoring {} before Welcome", other.kind());
                     Ok(())
