@@ -301,7 +301,10 @@ fn write_loop(
             frames += 1;
         }
         while let Ok(o) = onsets.pop() {
-            collected.push(o.into());
+            let mut o = SidecarOnset::from(o);
+            // The file's exact frame → time model (the engine rounds within a block).
+            o.frame_cluster_ns = frame_time(first, o.frame, sample_rate);
+            collected.push(o);
         }
         if done {
             break;
