@@ -145,6 +145,11 @@ impl FakeNode {
 async fn join(coord: &RunningCoordinator, id: &str, voices: u16) -> (FakeNode, Welcome) {
     let ep = node_endpoint();
     coord.add_node_addr(ep.local_addr().unwrap());
+    accept_node(ep, id, voices).await
+}
+
+/// Waits for the coordinator to connect to `ep` and completes the handshake.
+async fn accept_node(ep: quinn::Endpoint, id: &str, voices: u16) -> (FakeNode, Welcome) {
     let conn = timeout(Duration::from_secs(5), async {
         ep.accept()
             .await
@@ -296,6 +301,15 @@ async fn osc_note_reaches_node_stamped_and_node_goes_offline() {
         })
         .await;
     let after = f.clock.now();
+    // Held: its lease is renewed (every lease / 4 = 250 ms) to now + lookahead + lease.
+    let renew = node
+        .until(|m| match m {
+            Message::LeaseRenew(l) => Some(l.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(renew.voices.as_slice(), &[on.voice]);
+    assert!(renew.until.nanos_since(on.lease_until) >= 200_000_000);
     assert_eq!((on.note, on.velocity, on.channel), (60, 100, 2));
     let lookahead = 5_000_000;
     assert!(
@@ -520,4 +534,65 @@ async fn ports_in_use_and_corrupt_token_are_named() {
         .expect_err("corrupt token");
     assert!(e.to_string().contains("corrupt token file"), "{e}");
     assert!(e.to_string().contains(&dir.0.display().to_string()), "{e}");
+}
+
+/// mDNS on loopback only: the coordinator finds a node by its `_voicemesh._udp` record and
+/// connects to the TXT `port`; a node advertising another protocol version is listed with an
+/// error and never connected to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovers_nodes_over_loopback_mdns() {
+    use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
+    let f = coordinator().await;
+    let mdns = ServiceDaemon::new().unwrap();
+    mdns.disable_interface(IfKind::All).unwrap();
+    mdns.enable_interface(IfKind::LoopbackV4).unwrap();
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let ep = node_endpoint();
+    let port = ep.local_addr().unwrap().port();
+    let advertise = |id: &str, proto: &str| {
+        let props = [
+            ("id", id.to_owned()),
+            ("role", "node".to_owned()),
+            ("voices", "8".to_owned()),
+            ("cv", "0".to_owned()),
+            ("proto", proto.to_owned()),
+            ("engines", "ref".to_owned()),
+            ("port", port.to_string()),
+        ];
+        let info = ServiceInfo::new(
+            discovery::NODE_SERVICE,
+            id,
+            &format!("{id}.local."),
+            "127.0.0.1",
+            // The record's own port is deliberately wrong: the TXT `port` is the one to use.
+            1,
+            &props[..],
+        )
+        .unwrap();
+        mdns.register(info).unwrap();
+    };
+    let good = format!("vm-good-{tag}");
+    let old = format!("vm-old-{tag}");
+    advertise(&old, "0");
+    advertise(&good, &voicemesh_protocol::PROTOCOL_VERSION.to_string());
+
+    let (_node, welcome) = accept_node(ep, &good, 8).await;
+    assert_eq!(welcome.coordinator.as_str(), "test-coord");
+    let s = wait_for(&f.coord, Duration::from_secs(5), |s| {
+        s.nodes.iter().any(|n| n.id == old) && s.nodes.iter().any(|n| n.id == good && n.online)
+    })
+    .await;
+    let o = s.nodes.iter().find(|n| n.id == old).unwrap();
+    assert!(!o.online);
+    assert!(
+        o.error.as_deref().unwrap_or("").contains("protocol"),
+        "{o:?}"
+    );
+    let _ = mdns.shutdown();
+    f.shutdown.cancel();
+    f.coord.wait().await.unwrap();
 }
