@@ -137,6 +137,9 @@ pub enum StartError {
     /// The token given in the configuration is not acceptable.
     #[error("the token given is not valid: use 16–128 characters of A–Z, a–z, 0–9, '_' or '-'")]
     BadToken,
+    /// A duration in the configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    BadConfig(String),
     /// The QUIC client endpoint could not be created.
     #[error("cannot create the QUIC endpoint: {0}")]
     Quic(String),
@@ -230,6 +233,23 @@ pub async fn start(
     clock: Arc<ClusterClock>,
     shutdown: CancellationToken,
 ) -> Result<RunningCoordinator, StartError> {
+    for (name, d) in [
+        ("heartbeat", cfg.heartbeat),
+        ("offline_after", cfg.offline_after),
+        ("lease", cfg.lease),
+    ] {
+        if d.is_zero() {
+            return Err(StartError::BadConfig(format!(
+                "{name} must be longer than 0"
+            )));
+        }
+    }
+    if cfg.offline_after <= cfg.heartbeat {
+        return Err(StartError::BadConfig(format!(
+            "offline_after ({:?}) must be longer than the heartbeat interval ({:?})",
+            cfg.offline_after, cfg.heartbeat
+        )));
+    }
     let token: Arc<str> = token::load_or_create(cfg.token.as_deref(), &cfg.state_dir)?.into();
     let http_listener = tokio::net::TcpListener::bind(cfg.http)
         .await

@@ -528,6 +528,13 @@ async fn ports_in_use_and_corrupt_token_are_named() {
         .expect_err("port taken");
     assert!(matches!(e, StartError::OscPortInUse(_)), "{e}");
 
+    let mut cfg = config(&dir);
+    cfg.heartbeat = Duration::ZERO;
+    let e = start(cfg, clock.clone(), CancellationToken::new())
+        .await
+        .expect_err("zero heartbeat");
+    assert!(matches!(e, StartError::BadConfig(_)), "{e}");
+
     std::fs::write(dir.0.join("token"), "").unwrap();
     let e = start(config(&dir), clock, CancellationToken::new())
         .await
