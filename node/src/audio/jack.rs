@@ -92,7 +92,7 @@ pub fn start(
     p: AudioParams,
     shutdown: CancellationToken,
 ) -> Result<RunningAudio, NodeError> {
-    let sr = client.sample_rate() as u32;
+    let sr = client.sample_rate();
     let client_name = client.name().to_string();
     let out = client
         .register_port("out", AudioOut::default())
