@@ -41,6 +41,13 @@ pub const DEFAULT_SAMPLE_RATE: u32 = 48_000;
 /// The synth engines this node runs (announced in `Hello` and the mDNS TXT record).
 pub const ENGINES: [&str; 1] = ["saw"];
 
+/// Whether a JACK server answers (the default one, or `$JACK_DEFAULT_SERVER`). Never starts
+/// a server.
+pub fn jack_server_running() -> bool {
+    let probe = format!("voicemesh-probe-{}", std::process::id());
+    jack::Client::new(&probe, jack::ClientOptions::NO_START_SERVER).is_ok()
+}
+
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -85,10 +92,10 @@ impl NodeConfig {
         if !self
             .id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return bad(format!(
-                "node id {:?} may only contain ASCII letters, digits, '-' and '_'",
+                "node id {:?} may only contain ASCII letters, digits, '-', '_' and '.'",
                 self.id
             ));
         }
