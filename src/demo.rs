@@ -56,14 +56,34 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         other => other,
     };
 
-    println!("VoiceMesh demo: a coordinator and two nodes on this machine ({}).", scope_text(scope));
-    let cfg = coordinator_config("demo-coordinator".into(), state_dir, a.http, a.osc, 5, None, scope);
+    println!(
+        "VoiceMesh demo: a coordinator and two nodes on this machine ({}).",
+        scope_text(scope)
+    );
+    let cfg = coordinator_config(
+        "demo-coordinator".into(),
+        state_dir,
+        a.http,
+        a.osc,
+        5,
+        None,
+        scope,
+    );
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("dashboard: {}", coordinator.dashboard_url());
 
     let mut nodes = Vec::new();
     for name in NODES {
-        let cfg = node_config(name.into(), name.into(), 8, audio.clone(), 48_000, 0, &a.net, scope);
+        let cfg = node_config(
+            name.into(),
+            name.into(),
+            8,
+            audio.clone(),
+            48_000,
+            0,
+            &a.net,
+            scope,
+        );
         let node = voicemesh_node::start(cfg, shutdown.clone())
             .await
             .with_context(|| format!("starting {name}"))?;
@@ -104,13 +124,24 @@ async fn play(
     println!("waiting for {} nodes to join over mDNS…", NODES.len());
     let joined = Instant::now();
     loop {
-        let online = coordinator.snapshot().nodes.iter().filter(|n| n.online).count();
+        let online = coordinator
+            .snapshot()
+            .nodes
+            .iter()
+            .filter(|n| n.online)
+            .count();
         if online >= NODES.len() {
-            println!("{online} nodes online after {} ms", joined.elapsed().as_millis());
+            println!(
+                "{online} nodes online after {} ms",
+                joined.elapsed().as_millis()
+            );
             break;
         }
         if joined.elapsed() > Duration::from_secs(15) {
-            bail!("only {online} of {} nodes joined within 15 s (is mDNS blocked?)", NODES.len());
+            bail!(
+                "only {online} of {} nodes joined within 15 s (is mDNS blocked?)",
+                NODES.len()
+            );
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -118,7 +149,9 @@ async fn play(
         }
     }
 
-    let sock = UdpSocket::bind((coordinator.osc_addr().ip(), 0)).await.context("OSC socket")?;
+    let sock = UdpSocket::bind((coordinator.osc_addr().ip(), 0))
+        .await
+        .context("OSC socket")?;
     let target = coordinator.osc_addr();
     let chord_len = CHORD_ON + CHORD_GAP;
     let mut rounds = 0usize;
@@ -171,18 +204,32 @@ async fn send_chord(
         .map(|&n| {
             OscPacket::Message(OscMessage {
                 addr: "/voicemesh/note".into(),
-                args: vec![OscType::Int(n.into()), OscType::Int(velocity), OscType::Int(0)],
+                args: vec![
+                    OscType::Int(n.into()),
+                    OscType::Int(velocity),
+                    OscType::Int(0),
+                ],
             })
         })
         .collect();
-    let bundle = OscPacket::Bundle(OscBundle { timetag: OscTime { seconds: 0, fractional: 1 }, content });
+    let bundle = OscPacket::Bundle(OscBundle {
+        timetag: OscTime {
+            seconds: 0,
+            fractional: 1,
+        },
+        content,
+    });
     let bytes = rosc::encoder::encode(&bundle).context("encoding OSC")?;
-    sock.send_to(&bytes, target).await.with_context(|| format!("sending OSC to {target}"))?;
+    sock.send_to(&bytes, target)
+        .await
+        .with_context(|| format!("sending OSC to {target}"))?;
     Ok(())
 }
 
 fn note_name(n: u8) -> String {
-    const NAMES: [&str; 12] = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"];
+    const NAMES: [&str; 12] = [
+        "C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B",
+    ];
     format!("{}{}", NAMES[n as usize % 12], n as i32 / 12 - 1)
 }
 

@@ -162,14 +162,22 @@ struct DemoArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The demo speaks for itself on stdout; the daemons log what they do. RUST_LOG overrides.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "warn,voicemesh=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,voicemesh=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -270,7 +278,15 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let cfg = coordinator_config(a.id, state_dir, a.http, a.osc, a.lookahead_ms, a.token, scope);
+    let cfg = coordinator_config(
+        a.id,
+        state_dir,
+        a.http,
+        a.osc,
+        a.lookahead_ms,
+        a.token,
+        scope,
+    );
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("coordinator running ({})", scope_text(scope));
     println!("dashboard: {}", coordinator.dashboard_url());
@@ -328,7 +344,16 @@ async fn run_node(a: NodeArgs) -> Result<()> {
     }
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let cfg = node_config(id, name.clone(), a.voices, a.audio, a.sample_rate, a.port, &a.net, scope);
+    let cfg = node_config(
+        id,
+        name.clone(),
+        a.voices,
+        a.audio,
+        a.sample_rate,
+        a.port,
+        &a.net,
+        scope,
+    );
     let node = voicemesh_node::start(cfg, shutdown.clone())
         .await
         .with_context(|| format!("starting node {name}"))?;
