@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# The test command of VoiceMesh: `bash scripts/test-all.sh` from anywhere in the clone.
+#
+# On a fresh Debian 12 machine (as root, with rustup's Rust 1.95) it first installs what is
+# missing — Debian packages, rustup components and the Cortex-M target, the Python venv of the
+# third-party test peers, cargo-fuzz — then runs every check CI runs, in order, and stops at the
+# first failure with a banner naming the step. Running it again installs nothing new.
+#
+# Environment:
+#   CARGO_TARGET_DIR   respected (the release binary and the fuzz build go there too)
+#   CI=true            builds with CARGO_INCREMENTAL=0
+#   FUZZ_SECONDS       length of the fuzz smoke run (default 20)
+#   SKIP_INSTALL=1     do not install anything; fail if something is missing
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+fuzz_seconds=${FUZZ_SECONDS:-20}
+if [[ "${CI:-}" == "true" ]]; then
+    export CARGO_INCREMENTAL=0
+fi
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+# Debian packages the build and the tests need (the jack crate and cpal link against JACK and
+# ALSA; the tests start jackd, ptp4l, oscsend/oscdump, ip netns, systemd-analyze, python).
+apt_packages=(
+    pkg-config gcc libc6-dev libasound2-dev libjack-jackd2-dev jackd2 iproute2
+    python3 python3-venv linuxptp liblo-tools systemd ca-certificates
+)
+
+started=$(date +%s)
+declare -a summary=()
+current_step=""
+
+banner() {
+    printf '\n==================== %s ====================\n' "$*"
+}
+
+on_exit() {
+    local rc=$?
+    if [[ $rc -ne 0 ]]; then
+        printf '\n!!!!!!!!!!!!!!!!!!!! FAILED: %s (exit %d) !!!!!!!!!!!!!!!!!!!!\n' "${current_step:-setup}" "$rc" >&2
+        for line in "${summary[@]}"; do printf '  %s\n' "$line" >&2; done
+    fi
+}
+trap on_exit EXIT
+
+# step NAME COMMAND...: runs one check with a banner and records its duration.
+step() {
+    local name=$1
+    shift
+    current_step=$name
+    banner "$name"
+    local t0
+    t0=$(date +%s)
+    "$@"
+    local dt=$(($(date +%s) - t0))
+    summary+=("ok  ${dt}s  $name")
+    printf -- '---- %s: ok in %ds\n' "$name" "$dt"
+}
+
+die() {
+    printf 'test-all.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Installation of what is missing
+# ---------------------------------------------------------------------------------------------
+
+apt_updated=0
+apt_install() {
+    [[ "${SKIP_INSTALL:-}" == 1 ]] && die "missing Debian packages: $* (SKIP_INSTALL=1)"
+    command -v apt-get >/dev/null || die "missing packages $* and no apt-get: install them by hand"
+    [[ $(id -u) -eq 0 ]] || die "missing Debian packages: $*; run as root or install them"
+    if [[ $apt_updated -eq 0 ]]; then
+        apt-get update
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+}
+
+install_system_packages() {
+    local missing=()
+    for p in "${apt_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        echo "installing Debian packages: ${missing[*]}"
+        apt_install "${missing[@]}"
+    else
+        echo "Debian packages: all present"
+    fi
+}
+
+install_rust_parts() {
+    command -v cargo >/dev/null ||
+        die "no cargo: install Rust 1.95 with rustup (https://rustup.rs), then run this again"
+    command -v rustup >/dev/null || die "no rustup: the checks need rustup's components and targets"
+    local comps
+    comps=$(rustup component list --installed)
+    for c in rustfmt clippy; do
+        if ! grep -q "^$c" <<<"$comps"; then
+            [[ "${SKIP_INSTALL:-}" == 1 ]] && die "missing rustup component $c"
+            rustup component add "$c"
+        fi
+    done
+    # The Cortex-M7 target of the no_std builds. rustup cannot fetch it everywhere; then the
+    # no_std step uses Debian's Rust with build-std instead (see docs/../PLATFORM notes).
+    thumb_via=rustup
+    if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
+        if [[ "${SKIP_INSTALL:-}" == 1 ]] || ! rustup target add thumbv7em-none-eabihf; then
+            echo "rustup could not add thumbv7em-none-eabihf: using Debian's rustc-web with build-std"
+            thumb_via=debian
+            local need=()
+            for p in rustc-web cargo-web rust-web-src binutils-arm-none-eabi; do
+                dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+            done
+            [[ ${#need[@]} -eq 0 ]] || apt_install "${need[@]}"
+        fi
+    fi
+    if ! command -v cargo-fuzz >/dev/null; then
+        [[ "${SKIP_INSTALL:-}" == 1 ]] && die "missing cargo-fuzz"
+        cargo install cargo-fuzz --locked
+    fi
+}
+
+install_python_venv() {
+    local venv=$repo/.venv stamp=$repo/.venv/.requirements.sha256 want
+    want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+    if [[ -x $venv/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        echo "Python venv: up to date ($venv)"
+        return
+    fi
+    [[ "${SKIP_INSTALL:-}" == 1 ]] && die "Python venv missing or stale: $venv"
+    [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q -r tests/requirements.txt
+    echo "$want" >"$stamp"
+    echo "Python venv: installed tests/requirements.txt into $venv"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+no_std_build() {
+    local crate=$1
+    if [[ $thumb_via == rustup ]]; then
+        cargo build -p "$crate" --no-default-features --target thumbv7em-none-eabihf --locked
+    else
+        # Debian's toolchain (PLATFORM notes): no rustup target, so core/alloc are built from
+        # rust-web-src. Its own target dir keeps its artifacts apart from rustup's.
+        env PATH=/usr/bin:/bin RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+            CARGO_TARGET_DIR="$target_dir/debian-rust" \
+            /usr/bin/cargo build -p "$crate" --no-default-features \
+            --target thumbv7em-none-eabihf -Z build-std=core,alloc --locked
+    fi
+}
+
+# Every systemd unit in deploy/: `systemd-analyze verify` (offline; the ExecStart binary is
+# pointed at the freshly built one, which must exist for verify), where any diagnostic counts
+# as a failure because verify exits 0 on unknown keys; plus a check of the keys we rely on.
+validate_deploy() {
+    local tmp units=()
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064
+    trap "rm -rf '$tmp'" RETURN
+    for unit in deploy/*.service; do
+        units+=("$unit")
+        local name
+        name=$(basename "$unit")
+        for key in '^\[Unit\]' '^Description=' '^\[Service\]' '^ExecStart=/usr/local/bin/voicemesh ' \
+            '^LimitRTPRIO=' '^LimitMEMLOCK=' '^Restart=' '^\[Install\]' '^WantedBy=multi-user.target'; do
+            grep -Eq "$key" "$unit" || die "$unit: no line matching $key"
+        done
+        sed "s|/usr/local/bin/voicemesh|$target_dir/release/voicemesh|" "$unit" >"$tmp/$name"
+    done
+    [[ ${#units[@]} -ge 2 ]] || die "expected the coordinator and node units in deploy/"
+    grep -q '^ExecStart=/usr/local/bin/voicemesh coordinator --lan --state-dir /var/lib/voicemesh$' \
+        deploy/voicemesh-coordinator.service || die "coordinator unit: unexpected ExecStart"
+    grep -q '^ExecStart=/usr/local/bin/voicemesh node --lan --name %H --audio jack$' \
+        deploy/voicemesh-node.service || die "node unit: unexpected ExecStart"
+    # The units' command lines must parse with the real binary (clap rejects an unknown
+    # argument before it honours a later --help).
+    "$target_dir/release/voicemesh" coordinator --lan --state-dir /var/lib/voicemesh --help >/dev/null ||
+        die "the coordinator unit's arguments do not parse"
+    "$target_dir/release/voicemesh" node --lan --name host --audio jack --help >/dev/null ||
+        die "the node unit's arguments do not parse"
+    if command -v systemd-analyze >/dev/null; then
+        local out
+        out=$(systemd-analyze verify "$tmp"/*.service 2>&1) || { echo "$out"; die "systemd-analyze verify failed"; }
+        if [[ -n $out ]]; then
+            echo "$out"
+            die "systemd-analyze verify reported problems"
+        fi
+        echo "systemd-analyze verify: ${#units[@]} units clean"
+    else
+        echo "systemd-analyze not available: checked required keys only"
+    fi
+}
+
+run_tests() {
+    export VOICEMESH_BIN=$target_dir/release/voicemesh
+    export VOICEMESH_PYTHON=$repo/.venv/bin/python
+    [[ -x $VOICEMESH_BIN ]] || die "release binary missing: $VOICEMESH_BIN"
+    if command -v cargo-nextest >/dev/null; then
+        cargo nextest run --workspace --locked --no-fail-fast
+        # nextest does not run doctests.
+        cargo test --workspace --locked --doc
+    else
+        cargo test --workspace --locked --no-fail-fast
+    fi
+    # The firmware's codec path: serde without `alloc`, so decoding may allocate nothing.
+    cargo test -p voicemesh-protocol --no-default-features --locked --test allocations
+}
+
+fuzz_smoke() {
+    local corpus
+    corpus=$(mktemp -d)
+    # shellcheck disable=SC2064
+    trap "rm -rf '$corpus'" RETURN
+    python3 fuzz/seed_corpus.py "$corpus"
+    (
+        cd fuzz
+        if rustup toolchain list | grep -q '^nightly'; then
+            cargo +nightly fuzz run decode_frame "$corpus" -- -max_total_time="$fuzz_seconds"
+        else
+            RUSTC_BOOTSTRAP=1 cargo +stable fuzz run decode_frame "$corpus" -- -max_total_time="$fuzz_seconds"
+        fi
+    )
+}
+
+current_step="install"
+banner "install what is missing"
+install_system_packages
+install_rust_parts
+install_python_venv
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "rustdoc -D warnings" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+step "no_std build: voicemesh-protocol (thumbv7em, via $thumb_via)" no_std_build voicemesh-protocol
+step "no_std build: voicemesh-mcu (thumbv7em, via $thumb_via)" no_std_build voicemesh-mcu
+step "release binary" cargo build --release --locked --bin voicemesh
+step "deploy/ units" validate_deploy
+step "tests" run_tests
+step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke
+
+current_step=""
+banner "summary"
+for line in "${summary[@]}"; do printf '  %s\n' "$line"; done
+printf 'ALL CHECKS PASSED in %ds\n' "$(($(date +%s) - started))"
