@@ -3,8 +3,11 @@
 //! The render thread asks for SCHED_FIFO, then renders [`BLOCK_FRAMES`]-frame blocks; block
 //! `k` starts at frame `n = k·BLOCK_FRAMES`, which sounds at cluster time
 //! `first_frame_cluster_ns + round(n·1e9/sr)`, and is rendered when the cluster clock reaches
-//! that time. Falling more than a block behind (a stalled thread, a clock step) counts an
-//! xrun; the frame → time mapping never changes.
+//! the block's *end*: a file has no output latency to hide, so waiting for the block to have
+//! elapsed gives every event stamped inside it its full lookahead to arrive (rendering at the
+//! block's start would make any event less than a block ahead late). Falling more than a block
+//! behind (a stalled thread, a clock step) counts an xrun; the frame → time mapping never
+//! changes.
 //!
 //! With a WAV sink the samples and onsets go through wait-free queues to a writer thread,
 //! which writes `DIR/<id>.wav` (mono 32-bit float) and at shutdown finalizes it and writes
@@ -254,10 +257,11 @@ fn render_loop(
     let mut behind = false;
     loop {
         let start = ClusterTime(frame_time(first, frame, sr));
-        if !wait_until(clock, start, shutdown) {
+        let end = ClusterTime(frame_time(first, frame + BLOCK_FRAMES as u64, sr));
+        if !wait_until(clock, end, shutdown) {
             break;
         }
-        let lag = clock.now().nanos_since(start);
+        let lag = clock.now().nanos_since(end);
         if lag > bns {
             if !behind {
                 engine.counters().xruns.fetch_add(1, Ordering::Relaxed);
