@@ -32,7 +32,7 @@ pub use codec::{
 };
 pub use msg::*;
 pub use reader::FrameReader;
-pub use time::{ClusterTime, Timeline};
+pub use time::{ClusterTime, MAX_BPM, MIN_BPM, Timeline};
 
 /// Major protocol version: peers with another major version cannot talk and are refused.
 pub const PROTOCOL_VERSION: u8 = 1;
