@@ -74,16 +74,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     let mut nodes = Vec::new();
     for name in NODES {
-        let cfg = node_config(
-            name.into(),
-            name.into(),
-            8,
-            audio.clone(),
-            48_000,
-            0,
-            &a.net,
-            scope,
-        );
+        let cfg = voicemesh_node::NodeConfig {
+            audio: audio.clone(),
+            ..node_config(name, name, &a.net, scope)
+        };
         let node = voicemesh_node::start(cfg, shutdown.clone())
             .await
             .with_context(|| format!("starting {name}"))?;

@@ -247,6 +247,7 @@ async fn start_coordinator(
     Ok((coordinator, ptp_task))
 }
 
+/// The coordinator's configuration: its defaults, with what the command line sets.
 fn coordinator_config(
     id: String,
     state_dir: PathBuf,
@@ -258,15 +259,12 @@ fn coordinator_config(
 ) -> CoordinatorConfig {
     CoordinatorConfig {
         id,
-        state_dir,
         http,
         osc,
         lookahead: Duration::from_millis(lookahead_ms),
-        heartbeat: Duration::from_millis(discovery::DEFAULT_HEARTBEAT_MS.into()),
-        offline_after: Duration::from_millis(250),
-        lease: Duration::from_secs(1),
         scope,
         token,
+        ..CoordinatorConfig::new(state_dir)
     }
 }
 
@@ -305,25 +303,13 @@ fn scope_text(scope: NetScope) -> String {
     }
 }
 
-fn node_config(
-    id: String,
-    name: String,
-    voices: u16,
-    audio: AudioSpec,
-    sample_rate: u32,
-    port: u16,
-    net: &NetArgs,
-    scope: NetScope,
-) -> NodeConfig {
+/// A node's configuration: its defaults, with the network settings of the command line.
+fn node_config(id: &str, name: &str, net: &NetArgs, scope: NetScope) -> NodeConfig {
     NodeConfig {
-        id,
-        name,
-        voices,
-        audio,
+        name: name.to_string(),
         scope,
-        quic_port: port,
-        sample_rate,
         ptp: net.ptp(scope),
+        ..NodeConfig::new(id)
     }
 }
 
@@ -339,21 +325,15 @@ async fn run_node(a: NodeArgs) -> Result<()> {
     let scope = a.net.scope()?;
     let name = a.name.unwrap_or_else(host_name);
     let id = a.id.unwrap_or_else(|| name.clone());
-    if a.voices == 0 {
-        bail!("--voices must be at least 1");
-    }
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let cfg = node_config(
-        id,
-        name.clone(),
-        a.voices,
-        a.audio,
-        a.sample_rate,
-        a.port,
-        &a.net,
-        scope,
-    );
+    let cfg = NodeConfig {
+        voices: a.voices,
+        audio: a.audio,
+        sample_rate: a.sample_rate,
+        quic_port: a.port,
+        ..node_config(&id, &name, &a.net, scope)
+    };
     let node = voicemesh_node::start(cfg, shutdown.clone())
         .await
         .with_context(|| format!("starting node {name}"))?;
