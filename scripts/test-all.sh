@@ -11,6 +11,7 @@
 #   CI=true            builds with CARGO_INCREMENTAL=0
 #   FUZZ_SECONDS       length of the fuzz smoke run (default 20)
 #   SKIP_INSTALL=1     do not install anything; fail if something is missing
+#   KEEP_GOING=1       run every step even after a failure; exit non-zero at the end if any failed
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +32,7 @@ apt_packages=(
 )
 
 started=$(date +%s)
-declare -a summary=()
+declare -a summary=() failed=()
 current_step=""
 
 banner() {
@@ -53,10 +54,21 @@ step() {
     shift
     current_step=$name
     banner "$name"
-    local t0
+    local t0 rc=0
     t0=$(date +%s)
-    "$@"
+    if [[ "${KEEP_GOING:-}" == 1 ]]; then
+        # A subshell, so a failing `die` or command ends the step, not the script.
+        ("$@") || rc=$?
+    else
+        "$@"
+    fi
     local dt=$(($(date +%s) - t0))
+    if [[ $rc -ne 0 ]]; then
+        summary+=("FAIL  ${dt}s  $name (exit $rc)")
+        failed+=("$name")
+        printf -- '---- %s: FAILED (exit %d) in %ds\n' "$name" "$rc" "$dt"
+        return 0
+    fi
     summary+=("ok  ${dt}s  $name")
     printf -- '---- %s: ok in %ds\n' "$name" "$dt"
 }
@@ -166,7 +178,7 @@ validate_deploy() {
     local tmp units=()
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064
-    trap "rm -rf '$tmp'" RETURN
+    trap "rm -rf '$tmp'; trap - RETURN" RETURN
     for unit in deploy/*.service; do
         units+=("$unit")
         local name
@@ -220,7 +232,7 @@ fuzz_smoke() {
     local corpus
     corpus=$(mktemp -d)
     # shellcheck disable=SC2064
-    trap "rm -rf '$corpus'" RETURN
+    trap "rm -rf '$corpus'; trap - RETURN" RETURN
     python3 fuzz/seed_corpus.py "$corpus"
     (
         cd fuzz
@@ -251,4 +263,9 @@ step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke
 current_step=""
 banner "summary"
 for line in "${summary[@]}"; do printf '  %s\n' "$line"; done
+if [[ ${#failed[@]} -gt 0 ]]; then
+    current_step="${failed[*]}"
+    printf '%d STEP(S) FAILED in %ds: %s\n' "${#failed[@]}" "$(($(date +%s) - started))" "${failed[*]}"
+    exit 1
+fi
 printf 'ALL CHECKS PASSED in %ds\n' "$(($(date +%s) - started))"
