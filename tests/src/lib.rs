@@ -111,7 +111,11 @@ impl Netns {
         &self.name
     }
 
-    fn ip(&self, args: &[&str]) -> String {
+    /// Runs `ip -n NAME args…` and returns its stdout.
+    ///
+    /// # Panics
+    /// If the command fails.
+    pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["-n", &self.name];
         full.extend_from_slice(args);
         run("ip", &full)
@@ -210,6 +214,29 @@ sys.stdout.buffer.write(body)
         let (status, body) = text.split_once('\n').ok_or("no status line")?;
         let status = status.parse().map_err(|_| format!("bad status {status}"))?;
         Ok((status, body.to_owned()))
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace (`setns`), and returns its
+    /// result. Sockets `f` opens live in the namespace, so it can poll a daemon's HTTP API at
+    /// millisecond rates with [`http_get_json_local`] (one Python start per request, as in
+    /// [`Self::http_get`], costs tens of milliseconds). Only that thread moves; the test
+    /// process stays where it is.
+    pub fn in_ns<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path)
+                        .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
     }
 
     /// `GET url` from inside the namespace, expecting 200 and a JSON body.
@@ -556,14 +583,20 @@ pub fn midi_to_hz(n: f64) -> f64 {
 /// # Panics
 /// On a connection error, another status, or a body that is not JSON.
 pub fn http_get_json_local(url: &str) -> serde_json::Value {
+    try_http_get_json_local(url).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http_get_json_local`] that returns connection errors and non-200 answers as `Err`, for
+/// polling a daemon that is still starting.
+pub fn try_http_get_json_local(url: &str) -> Result<serde_json::Value, String> {
     let mut resp = ureq::get(url)
         .call()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let body = resp
         .body_mut()
         .read_to_string()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON ({e}): {body}"))
 }
 
 #[cfg(test)]
