@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use voicemesh_node::NetScope;
+use voicemesh_node::mdns::{self, BrowseEvent};
 use voicemesh_protocol::{PROTOCOL_VERSION, discovery};
 
 use crate::state::{NodeEntry, Shared};
@@ -68,40 +69,35 @@ impl Connectors {
     }
 }
 
-/// Starts an mDNS daemon limited to the scope's interface.
-pub(crate) fn mdns_daemon(scope: NetScope) -> Result<ServiceDaemon, mdns_sd::Error> {
-    let mdns = ServiceDaemon::new()?;
-    mdns.disable_interface(IfKind::All)?;
-    match scope {
-        NetScope::Loopback => mdns.enable_interface(IfKind::LoopbackV4)?,
-        NetScope::Lan(ip) => mdns.enable_interface(IfKind::Addr(IpAddr::V4(ip)))?,
-    }
-    Ok(mdns)
+/// Starts browsing for nodes in `scope` (the browser's socket joins the mDNS group on the
+/// scope's interface only) until `cancel`.
+pub(crate) fn start_browser(
+    scope: NetScope,
+    cancel: CancellationToken,
+) -> Result<mpsc::Receiver<BrowseEvent>, mdns::MdnsError> {
+    mdns::browse(scope, discovery::NODE_SERVICE, cancel)
 }
 
-/// Browses for nodes until `cancel`, handing each compatible one to `connectors`.
-pub(crate) async fn browse(mdns: ServiceDaemon, connectors: Connectors, cancel: CancellationToken) {
-    let rx = match mdns.browse(discovery::NODE_SERVICE) {
-        Ok(rx) => rx,
-        Err(e) => {
-            tracing::error!("mDNS browse of {} failed: {e}", discovery::NODE_SERVICE);
-            let _ = mdns.shutdown();
-            return;
-        }
-    };
+/// Hands each compatible node the browser reports to `connectors`, until `cancel` or the end
+/// of the events.
+pub(crate) async fn browse(
+    mut events: mpsc::Receiver<BrowseEvent>,
+    connectors: Connectors,
+    cancel: CancellationToken,
+) {
     let mut by_name: HashMap<String, SocketAddr> = HashMap::new();
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
-            ev = rx.recv_async() => match ev {
-                Ok(ev) => ev,
-                Err(_) => break,
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
             },
         };
         match ev {
-            ServiceEvent::ServiceResolved(s) => {
-                let txt = |k: &str| s.get_property_val_str(k).map(str::to_owned);
-                let id = txt("id").unwrap_or_else(|| s.get_fullname().to_owned());
+            BrowseEvent::Resolved(s) | BrowseEvent::Updated(s) => {
+                let txt = |k: &str| s.txt(k).map(str::to_owned);
+                let id = txt("id").unwrap_or_else(|| s.instance.clone());
                 let role = txt("role").unwrap_or_default();
                 if role != "node" {
                     tracing::debug!(%id, %role, "not a Linux node; ignored");
@@ -109,8 +105,8 @@ pub(crate) async fn browse(mdns: ServiceDaemon, connectors: Connectors, cancel: 
                 }
                 let port = txt("port")
                     .and_then(|p| p.parse::<u16>().ok())
-                    .unwrap_or(s.get_port());
-                let Some(ip) = s.get_addresses_v4().into_iter().min() else {
+                    .unwrap_or(s.port);
+                let Some(ip) = s.addrs.iter().min().copied() else {
                     continue;
                 };
                 let addr = SocketAddr::new(IpAddr::V4(ip), port);
@@ -120,6 +116,9 @@ pub(crate) async fn browse(mdns: ServiceDaemon, connectors: Connectors, cancel: 
                         "node {id} at {addr} speaks VoiceMesh protocol {proto:?}, this coordinator speaks {PROTOCOL_VERSION}: not connecting; upgrade the older side"
                     );
                     tracing::error!("{msg}");
+                    if let Some(old) = by_name.remove(&s.instance) {
+                        connectors.remove(old);
+                    }
                     let mut g = connectors.shared.lock();
                     g.nodes.insert(
                         id,
@@ -137,7 +136,7 @@ pub(crate) async fn browse(mdns: ServiceDaemon, connectors: Connectors, cancel: 
                     );
                     continue;
                 }
-                if let Some(old) = by_name.insert(s.get_fullname().to_owned(), addr)
+                if let Some(old) = by_name.insert(s.instance.clone(), addr)
                     && old != addr
                 {
                     connectors.remove(old);
@@ -145,14 +144,12 @@ pub(crate) async fn browse(mdns: ServiceDaemon, connectors: Connectors, cancel: 
                 tracing::info!(%id, %addr, "node resolved");
                 connectors.add(addr);
             }
-            ServiceEvent::ServiceRemoved(_, fullname) => {
-                if let Some(addr) = by_name.remove(&fullname) {
-                    tracing::info!(%fullname, %addr, "node withdrew its mDNS record");
+            BrowseEvent::Removed { instance } => {
+                if let Some(addr) = by_name.remove(&instance) {
+                    tracing::info!(%instance, %addr, "node withdrew its mDNS record");
                     connectors.remove(addr);
                 }
             }
-            _ => {}
         }
     }
-    let _ = mdns.shutdown();
 }

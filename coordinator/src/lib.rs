@@ -292,9 +292,10 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let connectors =
         discovery::Connectors::new(shared.clone(), endpoint, tracker.clone(), shutdown.clone());
-    let mdns = discovery::mdns_daemon(cfg.scope).map_err(|e| StartError::Mdns(e.to_string()))?;
+    let mdns_events = discovery::start_browser(cfg.scope, shutdown.clone())
+        .map_err(|e| StartError::Mdns(e.to_string()))?;
     tracker.spawn(discovery::browse(
-        mdns,
+        mdns_events,
         connectors.clone(),
         shutdown.clone(),
     ));

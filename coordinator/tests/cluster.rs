@@ -548,11 +548,8 @@ async fn ports_in_use_and_corrupt_token_are_named() {
 /// error and never connected to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovers_nodes_over_loopback_mdns() {
-    use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
+    use voicemesh_node::mdns::{ServiceInstance, advertise};
     let f = coordinator().await;
-    let mdns = ServiceDaemon::new().unwrap();
-    mdns.disable_interface(IfKind::All).unwrap();
-    mdns.enable_interface(IfKind::LoopbackV4).unwrap();
     let tag = format!(
         "{}-{}",
         std::process::id(),
@@ -560,8 +557,13 @@ async fn discovers_nodes_over_loopback_mdns() {
     );
     let ep = node_endpoint();
     let port = ep.local_addr().unwrap().port();
-    let advertise = |id: &str, proto: &str| {
-        let props = [
+    let instance = |id: &str, proto: &str| ServiceInstance {
+        service_type: discovery::NODE_SERVICE.to_owned(),
+        instance: id.to_owned(),
+        host: id.to_owned(),
+        // The record's own port is deliberately wrong: the TXT `port` is the one to use.
+        port: 1,
+        txt: [
             ("id", id.to_owned()),
             ("role", "node".to_owned()),
             ("voices", "8".to_owned()),
@@ -569,23 +571,22 @@ async fn discovers_nodes_over_loopback_mdns() {
             ("proto", proto.to_owned()),
             ("engines", "ref".to_owned()),
             ("port", port.to_string()),
-        ];
-        let info = ServiceInfo::new(
-            discovery::NODE_SERVICE,
-            id,
-            &format!("{id}.local."),
-            "127.0.0.1",
-            // The record's own port is deliberately wrong: the TXT `port` is the one to use.
-            1,
-            &props[..],
-        )
-        .unwrap();
-        mdns.register(info).unwrap();
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
     };
     let good = format!("vm-good-{tag}");
     let old = format!("vm-old-{tag}");
-    advertise(&old, "0");
-    advertise(&good, &voicemesh_protocol::PROTOCOL_VERSION.to_string());
+    let mdns = advertise(
+        voicemesh_node::NetScope::Loopback,
+        vec![
+            instance(&old, "0"),
+            instance(&good, &voicemesh_protocol::PROTOCOL_VERSION.to_string()),
+        ],
+        CancellationToken::new(),
+    )
+    .unwrap();
 
     let (_node, welcome) = accept_node(ep, &good, 8).await;
     assert_eq!(welcome.coordinator.as_str(), "test-coord");
@@ -599,7 +600,7 @@ async fn discovers_nodes_over_loopback_mdns() {
         o.error.as_deref().unwrap_or("").contains("protocol"),
         "{o:?}"
     );
-    let _ = mdns.shutdown();
+    mdns.stop().await;
     f.shutdown.cancel();
     f.coord.wait().await.unwrap();
 }

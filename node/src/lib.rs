@@ -234,13 +234,13 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Runni
         engines: ENGINES.iter().map(|s| s.to_string()).collect(),
         port: quic_addr.port(),
     };
-    let advert = match mdns::advertise(cfg.scope, &txt) {
+    let advert = match mdns::advertise(cfg.scope, vec![txt.instance()], shutdown.child_token()) {
         Ok(a) => a,
         Err(e) => {
             audio_stop.cancel();
             let _ = audio.task.await;
             endpoint.close(quinn::VarInt::from_u32(0), b"start failed");
-            return Err(e);
+            return Err(NodeError::Mdns(e.to_string()));
         }
     };
 
@@ -282,12 +282,8 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Runni
             "mdns",
             tokio::spawn(async move {
                 t.cancelled().await;
-                tokio::task::spawn_blocking(move || advert.stop())
-                    .await
-                    .map_err(|e| NodeError::Task {
-                        task: "mdns",
-                        detail: e.to_string(),
-                    })
+                advert.stop().await;
+                Ok(())
             }),
         ));
     }

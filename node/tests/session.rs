@@ -105,31 +105,30 @@ fn control_session_end_to_end() {
         assert!(e.to_string().contains("port in use"), "{e}");
 
         // mDNS: the node is advertised on loopback with its TXT record.
-        let browser = mdns_sd::ServiceDaemon::new().unwrap();
-        browser.disable_interface(mdns_sd::IfKind::All).unwrap();
-        browser
-            .enable_interface(mdns_sd::IfKind::LoopbackV4)
-            .unwrap();
-        let rx = browser
-            .browse(voicemesh_protocol::discovery::NODE_SERVICE)
-            .unwrap();
+        let stop_browse = CancellationToken::new();
+        let mut rx = voicemesh_node::mdns::browse(
+            voicemesh_node::NetScope::Loopback,
+            voicemesh_protocol::discovery::NODE_SERVICE,
+            stop_browse.clone(),
+        )
+        .unwrap();
         let info = loop {
-            match rx.recv_async().await.unwrap() {
-                mdns_sd::ServiceEvent::ServiceResolved(i)
-                    if i.get_property_val_str("id") == Some(id.as_str()) =>
+            match rx.recv().await.unwrap() {
+                voicemesh_node::mdns::BrowseEvent::Resolved(i)
+                    if i.txt("id") == Some(id.as_str()) =>
                 {
                     break i;
                 }
                 _ => {}
             }
         };
-        assert_eq!(info.get_port(), node.quic_addr().port());
-        assert_eq!(info.get_property_val_str("role"), Some("node"));
-        assert_eq!(info.get_property_val_str("voices"), Some("6"));
-        assert_eq!(info.get_property_val_str("cv"), Some("0"));
-        assert_eq!(info.get_property_val_str("proto"), Some("1"));
-        assert_eq!(info.get_property_val_str("engines"), Some("saw"));
-        let _ = browser.shutdown();
+        assert_eq!(info.port, node.quic_addr().port());
+        assert_eq!(info.txt("role"), Some("node"));
+        assert_eq!(info.txt("voices"), Some("6"));
+        assert_eq!(info.txt("cv"), Some("0"));
+        assert_eq!(info.txt("proto"), Some("1"));
+        assert_eq!(info.txt("engines"), Some("saw"));
+        stop_browse.cancel();
 
         let ep = quic_client();
         let mut c = Coordinator::connect(&ep, node.quic_addr()).await;
