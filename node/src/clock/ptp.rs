@@ -88,12 +88,14 @@ pub const ANNOUNCE_RECEIPT_TIMEOUT: u8 = 3;
 /// priority1 of the grandmaster: better (lower) than the default 128 of other PTP clocks.
 pub const GRANDMASTER_PRIORITY_1: u8 = 64;
 /// A slave declares itself locked after this many consecutive offset estimates below
-/// [`LOCK_THRESHOLD_NS`] since its last step.
+/// [`LOCK_THRESHOLD_NS`], counted only once as many estimates again have passed since the start
+/// or the last step: right after a step the servo's estimate is near zero whatever the clock
+/// really does, until new measurements show the frequency error.
 pub const LOCK_SAMPLES: u32 = 8;
-/// Offset below which an estimate counts towards locking, ns.
-pub const LOCK_THRESHOLD_NS: i64 = 20_000;
+/// Offset below which an estimate counts towards locking, ns (half a sample at 48 kHz).
+pub const LOCK_THRESHOLD_NS: i64 = 10_000;
 /// Offset above which a locked slave unlocks, ns.
-pub const UNLOCK_THRESHOLD_NS: i64 = 200_000;
+pub const UNLOCK_THRESHOLD_NS: i64 = 100_000;
 /// How long a sent event message waits for its transmit stamp before it is given up.
 const TX_STAMP_TIMEOUT: Duration = Duration::from_millis(200);
 /// The smallest valid PTP message: the common header.
@@ -421,14 +423,24 @@ impl Io {
 }
 
 /// Lock detection and statistics of a slave.
-#[derive(Default)]
 struct LockTracker {
+    /// Estimates still to ignore after the start or a step.
+    settle: u32,
     good: u32,
     steps_seen: u64,
     mean_square: f64,
 }
 
 impl LockTracker {
+    fn new() -> Self {
+        LockTracker {
+            settle: LOCK_SAMPLES,
+            good: 0,
+            steps_seen: 0,
+            mean_square: 0.0,
+        }
+    }
+
     /// Takes the servo's estimate after a measurement and updates `status` (and the clock's
     /// locked flag).
     fn sample(&mut self, offset_ns: i64, delay_ns: i64, status: &PtpStatus, clock: &ClusterClock) {
@@ -444,8 +456,12 @@ impl LockTracker {
         if steps != self.steps_seen {
             // The estimate right after a step says little about the frequency: start over.
             self.steps_seen = steps;
-            self.good = 0;
+            self.settle = LOCK_SAMPLES;
             self.mean_square = 0.0;
+        }
+        if self.settle > 0 {
+            self.settle -= 1;
+            self.good = 0;
             self.set(false, status, clock);
             return;
         }
@@ -464,6 +480,7 @@ impl LockTracker {
 
     fn lost(&mut self, status: &PtpStatus, clock: &ClusterClock) {
         self.good = 0;
+        self.settle = LOCK_SAMPLES;
         self.set(false, status, clock);
     }
 
@@ -568,7 +585,7 @@ async fn run<C: Clock + Send>(
         status: status.clone(),
     };
     io.apply(first);
-    let mut lock = LockTracker::default();
+    let mut lock = LockTracker::new();
     let mut bmca = tokio::time::interval(instance.bmca_interval());
     bmca.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ebuf = [0u8; 2048];
@@ -758,8 +775,9 @@ mod tests {
     fn lock_needs_consecutive_good_samples_and_resets_on_step() {
         let status = PtpStatus::default();
         let clock = ClusterClock::new();
-        let mut lock = LockTracker::default();
-        for _ in 0..LOCK_SAMPLES - 1 {
+        let mut lock = LockTracker::new();
+        // The first estimates only settle the servo.
+        for _ in 0..2 * LOCK_SAMPLES - 1 {
             lock.sample(1_000, 5_000, &status, &clock);
         }
         assert!(!status.is_locked());
@@ -770,10 +788,23 @@ mod tests {
             status.is_locked(),
             "hysteresis: a middling sample keeps the lock"
         );
+        lock.sample(150_000, 5_000, &status, &clock);
+        assert!(!status.is_locked(), "a large offset unlocks");
+        for _ in 0..LOCK_SAMPLES {
+            lock.sample(1_000, 5_000, &status, &clock);
+        }
+        assert!(status.is_locked());
         status.record_step();
-        lock.sample(1_000, 5_000, &status, &clock);
-        assert!(!status.is_locked() && !clock.is_locked());
-        assert_eq!(status.measurements(), LOCK_SAMPLES as u64 + 2);
+        for _ in 0..2 * LOCK_SAMPLES - 1 {
+            lock.sample(0, 5_000, &status, &clock);
+            assert!(
+                !status.is_locked() && !clock.is_locked(),
+                "a step restarts settling"
+            );
+        }
+        lock.sample(0, 5_000, &status, &clock);
+        assert!(status.is_locked());
+        assert_eq!(status.measurements(), 5 * LOCK_SAMPLES as u64 + 2);
     }
 
     #[test]
