@@ -588,3 +588,217 @@ pub fn record_len_bound(r: &Record) -> usize {
     };
     r.name.wire_len() + 10 + data
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Appends raw labels ending with a zero byte.
+    fn labels(out: &mut Vec<u8>, ls: &[&str]) {
+        for l in ls {
+            out.push(l.len() as u8);
+            out.extend_from_slice(l.as_bytes());
+        }
+        out.push(0);
+    }
+
+    #[test]
+    fn decodes_a_hand_built_ptr_query() {
+        // RFC 1035 §4.1: id, flags, QDCOUNT=1, AN/NS/AR=0; then QNAME QTYPE=PTR QCLASS=IN|QU.
+        let mut b = vec![0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        labels(&mut b, &["_voicemesh", "_udp", "local"]);
+        b.extend_from_slice(&[0x00, 0x0C, 0x80, 0x01]);
+        let m = Message::decode(&b).unwrap();
+        assert_eq!(m.id, 0x1234);
+        assert!(!m.is_response());
+        assert_eq!(m.questions.len(), 1);
+        let q = &m.questions[0];
+        assert_eq!(q.name, Name::parse("_VoiceMesh._udp.local.").unwrap());
+        assert_eq!(q.name.to_string(), "_voicemesh._udp.local.");
+        assert_eq!(
+            (q.qtype, q.qclass, q.unicast_response),
+            (TYPE_PTR, CLASS_IN, true)
+        );
+        // Our encoder writes the same bytes (no earlier name to point at).
+        assert_eq!(m.encode(), b);
+    }
+
+    /// A response as an mDNS responder writes it: PTR + SRV + TXT + A + AAAA, names
+    /// compressed against the first one.
+    fn hand_built_response() -> Vec<u8> {
+        let mut b = vec![0, 0, 0x84, 0x00, 0, 0, 0, 1, 0, 0, 0, 4];
+        // Answer: _voicemesh._udp.local. PTR n1.<ptr to 12>
+        assert_eq!(b.len(), 12);
+        labels(&mut b, &["_voicemesh", "_udp", "local"]);
+        b.extend_from_slice(&[0x00, 0x0C, 0x00, 0x01, 0, 0, 0x11, 0x94, 0, 5]);
+        let instance_at = b.len();
+        b.extend_from_slice(&[2, b'n', b'1', 0xC0, 12]);
+        // Additional: <ptr instance> SRV 0 0 8080 host.<ptr to "local" at 28>, cache-flush.
+        let local_at = 12 + 1 + 10 + 1 + 4;
+        b.extend_from_slice(&[
+            0xC0,
+            instance_at as u8,
+            0x00,
+            0x21,
+            0x80,
+            0x01,
+            0,
+            0,
+            0,
+            120,
+        ]);
+        b.extend_from_slice(&[0, 13, 0, 0, 0, 0, 0x1F, 0x90]);
+        let host_at = b.len();
+        b.extend_from_slice(&[4, b'h', b'o', b's', b't', 0xC0, local_at as u8]);
+        // <ptr instance> TXT "id=n1" "flag", cache-flush.
+        b.extend_from_slice(&[
+            0xC0,
+            instance_at as u8,
+            0x00,
+            0x10,
+            0x80,
+            0x01,
+            0,
+            0,
+            0x11,
+            0x94,
+        ]);
+        b.extend_from_slice(&[
+            0, 11, 5, b'i', b'd', b'=', b'n', b'1', 4, b'f', b'l', b'a', b'g',
+        ]);
+        // <ptr host> A 127.0.0.1
+        b.extend_from_slice(&[0xC0, host_at as u8, 0x00, 0x01, 0x80, 0x01, 0, 0, 0, 120]);
+        b.extend_from_slice(&[0, 4, 127, 0, 0, 1]);
+        // <ptr host> AAAA ::1 (skipped, kept as its type)
+        b.extend_from_slice(&[
+            0xC0,
+            host_at as u8,
+            0x00,
+            0x1C,
+            0x80,
+            0x01,
+            0,
+            0,
+            0,
+            120,
+            0,
+            16,
+        ]);
+        b.extend_from_slice(&[0; 15]);
+        b.push(1);
+        b
+    }
+
+    #[test]
+    fn decodes_a_hand_built_compressed_response() {
+        let m = Message::decode(&hand_built_response()).unwrap();
+        assert!(m.is_response());
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.additionals.len(), 4);
+        let service = Name::parse("_voicemesh._udp.local.").unwrap();
+        let instance = service.child(b"n1").unwrap();
+        let host = Name::parse("host.local.").unwrap();
+        assert_eq!(m.answers[0].data, RData::Ptr(instance.clone()));
+        assert_eq!((m.answers[0].ttl, m.answers[0].cache_flush), (4500, false));
+        let srv = &m.additionals[0];
+        assert_eq!(srv.name, instance);
+        assert!(srv.cache_flush);
+        assert_eq!(
+            srv.data,
+            RData::Srv {
+                priority: 0,
+                weight: 0,
+                port: 8080,
+                target: host.clone()
+            }
+        );
+        let RData::Txt(t) = &m.additionals[1].data else {
+            panic!("TXT expected")
+        };
+        assert_eq!(
+            txt_pairs(t),
+            vec![("id".into(), "n1".into()), ("flag".into(), String::new())]
+        );
+        assert_eq!(m.additionals[2].name, host);
+        assert_eq!(m.additionals[2].data, RData::A(Ipv4Addr::LOCALHOST));
+        assert_eq!(m.additionals[3].data, RData::Other(TYPE_AAAA));
+        // Round trip through our encoder (AAAA data is not kept, so drop it).
+        let mut m2 = m.clone();
+        m2.additionals.pop();
+        let bytes = m2.encode();
+        assert_eq!(Message::decode(&bytes).unwrap(), m2);
+        assert!(bytes.len() < hand_built_response().len());
+    }
+
+    #[test]
+    fn compression_loops_and_forward_pointers_are_errors() {
+        // A name that is a pointer to itself.
+        let mut b = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 12, 0, 1];
+        assert_eq!(Message::decode(&b), Err(WireError::BadPointer));
+        // Two names pointing at each other: 12 → label "a" then pointer to 17 (forward).
+        b = vec![0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(&[1, b'a', 0xC0, 18, 0, 12, 0, 1]);
+        b.extend_from_slice(&[1, b'b', 0xC0, 12, 0, 12, 0, 1]);
+        assert_eq!(Message::decode(&b), Err(WireError::BadPointer));
+        // Reserved label type 0b01.
+        b = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x41, 0, 0, 12, 0, 1];
+        assert_eq!(Message::decode(&b), Err(WireError::BadLabelType));
+    }
+
+    #[test]
+    fn hostile_counts_and_lengths_are_errors() {
+        // 65535 questions claimed, none present: refused before any work.
+        let b = [0, 0, 0, 0, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0];
+        assert_eq!(Message::decode(&b), Err(WireError::TooManyRecords));
+        let b = [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert_eq!(Message::decode(&b), Err(WireError::Truncated));
+        // A 300-byte name made of 5 × 60-byte labels.
+        let mut b = vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for _ in 0..5 {
+            b.push(60);
+            b.extend_from_slice(&[b'x'; 60]);
+        }
+        b.extend_from_slice(&[0, 0, 12, 0, 1]);
+        assert_eq!(Message::decode(&b), Err(WireError::NameTooLong));
+        // An A record whose RDLENGTH says 5.
+        let mut b = vec![0, 0, 0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0];
+        b.extend_from_slice(&[0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 5, 1, 2, 3, 4, 5]);
+        assert_eq!(Message::decode(&b), Err(WireError::BadRecordData));
+        // Every truncation of a valid message is an error, not a panic.
+        let full = hand_built_response();
+        for n in 0..full.len() {
+            assert!(Message::decode(&full[..n]).is_err(), "prefix {n}");
+        }
+        assert!(!WireError::BadPointer.to_string().is_empty());
+    }
+
+    #[test]
+    fn names_with_dots_in_labels_survive() {
+        let service = Name::parse("_voicemesh._udp.local.").unwrap();
+        let n = service.child(b"studio.left").unwrap();
+        assert_eq!(n.first_label(), "studio.left");
+        assert_eq!(n.to_string(), "studio\\.left._voicemesh._udp.local.");
+        assert_eq!(n.parent(), service);
+        assert!(service.child(&[b'x'; 64]).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(m) = Message::decode(&bytes) {
+                // What decodes re-encodes to something that decodes to the same message.
+                prop_assert_eq!(Message::decode(&m.encode()), Ok(m));
+            }
+        }
+
+        #[test]
+        fn mutated_responses_never_panic(pos in 0usize..200, val in any::<u8>(), cut in 0usize..200) {
+            let mut b = hand_built_response();
+            let i = pos % b.len();
+            b[i] = val;
+            b.truncate(b.len() - cut % b.len());
+            let _ = Message::decode(&b);
+        }
+    }
+}
