@@ -88,10 +88,12 @@ pub const ANNOUNCE_RECEIPT_TIMEOUT: u8 = 3;
 /// priority1 of the grandmaster: better (lower) than the default 128 of other PTP clocks.
 pub const GRANDMASTER_PRIORITY_1: u8 = 64;
 /// A slave declares itself locked after this many consecutive offset estimates below
-/// [`LOCK_THRESHOLD_NS`], counted only once as many estimates again have passed since the start
-/// or the last step: right after a step the servo's estimate is near zero whatever the clock
-/// really does, until new measurements show the frequency error.
+/// [`LOCK_THRESHOLD_NS`], counted only after [`LOCK_SETTLE_TIME`].
 pub const LOCK_SAMPLES: u32 = 8;
+/// Estimates are not trusted for locking this long after the slave found its master or stepped
+/// its clock: right after a step the servo's estimate is near zero whatever the clock really
+/// does, until new measurements show the frequency error.
+pub const LOCK_SETTLE_TIME: Duration = Duration::from_secs(2);
 /// Offset below which an estimate counts towards locking, ns (half a sample at 48 kHz).
 pub const LOCK_THRESHOLD_NS: i64 = 10_000;
 /// Offset above which a locked slave unlocks, ns.
@@ -424,8 +426,8 @@ impl Io {
 
 /// Lock detection and statistics of a slave.
 struct LockTracker {
-    /// Estimates still to ignore after the start or a step.
-    settle: u32,
+    /// When the current settling period began (start, step, or master regained).
+    settle_start: Option<std::time::Instant>,
     good: u32,
     steps_seen: u64,
     mean_square: f64,
@@ -434,16 +436,23 @@ struct LockTracker {
 impl LockTracker {
     fn new() -> Self {
         LockTracker {
-            settle: LOCK_SAMPLES,
+            settle_start: None,
             good: 0,
             steps_seen: 0,
             mean_square: 0.0,
         }
     }
 
-    /// Takes the servo's estimate after a measurement and updates `status` (and the clock's
-    /// locked flag).
-    fn sample(&mut self, offset_ns: i64, delay_ns: i64, status: &PtpStatus, clock: &ClusterClock) {
+    /// Takes the servo's estimate after a measurement at `now` and updates `status` (and the
+    /// clock's locked flag).
+    fn sample(
+        &mut self,
+        now: std::time::Instant,
+        offset_ns: i64,
+        delay_ns: i64,
+        status: &PtpStatus,
+        clock: &ClusterClock,
+    ) {
         status.offset_ns.store(offset_ns, Ordering::Relaxed);
         status.path_delay_ns.store(delay_ns, Ordering::Relaxed);
         status.measurements.fetch_add(1, Ordering::Relaxed);
@@ -454,13 +463,14 @@ impl LockTracker {
             .store(self.mean_square.sqrt().round() as i64, Ordering::Relaxed);
         let steps = status.steps();
         if steps != self.steps_seen {
-            // The estimate right after a step says little about the frequency: start over.
+            // Right after a step the estimate is near zero whatever the frequency error:
+            // start over.
             self.steps_seen = steps;
-            self.settle = LOCK_SAMPLES;
+            self.settle_start = Some(now);
             self.mean_square = 0.0;
         }
-        if self.settle > 0 {
-            self.settle -= 1;
+        let settle_start = *self.settle_start.get_or_insert(now);
+        if now.duration_since(settle_start) < LOCK_SETTLE_TIME {
             self.good = 0;
             self.set(false, status, clock);
             return;
@@ -480,7 +490,7 @@ impl LockTracker {
 
     fn lost(&mut self, status: &PtpStatus, clock: &ClusterClock) {
         self.good = 0;
-        self.settle = LOCK_SAMPLES;
+        self.settle_start = None;
         self.set(false, status, clock);
     }
 
@@ -517,6 +527,8 @@ fn classify(data: &[u8], own: &ClockIdentity) -> Result<Option<u8>, ()> {
 }
 
 const MSG_SYNC: u8 = 0x0;
+/// twoStepFlag, in the first flag byte (offset 6) of the header.
+const FLAG_TWO_STEP: u8 = 0x02;
 const MSG_FOLLOW_UP: u8 = 0x8;
 const MSG_DELAY_RESP: u8 = 0x9;
 
@@ -625,7 +637,8 @@ async fn run<C: Clock + Send>(
                             let t = to_ptp_time(model.to_cluster(local));
                             let actions = port.handle_event_receive(&ebuf[..got.len], t);
                             io.apply(actions);
-                            kind == MSG_SYNC
+                            // A two-step Sync measures nothing until its Follow_Up.
+                            kind == MSG_SYNC && ebuf[6] & FLAG_TWO_STEP == 0
                         }
                         None => {
                             status.count_socket_error();
@@ -731,7 +744,13 @@ fn report<C: Clock>(
             let offset = estimate.offset_from_master.nanos_rounded();
             let delay = estimate.mean_delay.nanos_rounded();
             let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-            lock.sample(clamp(offset), clamp(delay), status, model);
+            lock.sample(
+                std::time::Instant::now(),
+                clamp(offset),
+                clamp(delay),
+                status,
+                model,
+            );
         }
         Some(_) => {}
         None => {
@@ -772,39 +791,52 @@ mod tests {
     }
 
     #[test]
-    fn lock_needs_consecutive_good_samples_and_resets_on_step() {
+    fn lock_needs_settling_and_consecutive_good_samples() {
         let status = PtpStatus::default();
         let clock = ClusterClock::new();
         let mut lock = LockTracker::new();
-        // The first estimates only settle the servo.
-        for _ in 0..2 * LOCK_SAMPLES - 1 {
-            lock.sample(1_000, 5_000, &status, &clock);
+        let t0 = std::time::Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Good estimates during the settling time do not count.
+        for i in 0..20 {
+            lock.sample(ms(i * 50), 1_000, 5_000, &status, &clock);
         }
         assert!(!status.is_locked());
-        lock.sample(1_000, 5_000, &status, &clock);
+        let after = LOCK_SETTLE_TIME.as_millis() as u64;
+        for i in 0..LOCK_SAMPLES as u64 - 1 {
+            lock.sample(ms(after + i), 1_000, 5_000, &status, &clock);
+        }
+        assert!(!status.is_locked());
+        lock.sample(ms(after + 100), 1_000, 5_000, &status, &clock);
         assert!(status.is_locked() && clock.is_locked());
-        lock.sample(50_000, 5_000, &status, &clock);
+        lock.sample(ms(after + 101), 50_000, 5_000, &status, &clock);
         assert!(
             status.is_locked(),
             "hysteresis: a middling sample keeps the lock"
         );
-        lock.sample(150_000, 5_000, &status, &clock);
+        lock.sample(ms(after + 102), 150_000, 5_000, &status, &clock);
         assert!(!status.is_locked(), "a large offset unlocks");
-        for _ in 0..LOCK_SAMPLES {
-            lock.sample(1_000, 5_000, &status, &clock);
+        for i in 0..LOCK_SAMPLES as u64 {
+            lock.sample(ms(after + 200 + i), 1_000, 5_000, &status, &clock);
         }
         assert!(status.is_locked());
+        // A step starts settling again.
         status.record_step();
-        for _ in 0..2 * LOCK_SAMPLES - 1 {
-            lock.sample(0, 5_000, &status, &clock);
+        let stepped = after + 1_000;
+        for i in 0..20 {
+            lock.sample(ms(stepped + i * 50), 0, 5_000, &status, &clock);
             assert!(
                 !status.is_locked() && !clock.is_locked(),
                 "a step restarts settling"
             );
         }
-        lock.sample(0, 5_000, &status, &clock);
+        for i in 0..LOCK_SAMPLES as u64 {
+            lock.sample(ms(stepped + after + i), 0, 5_000, &status, &clock);
+        }
         assert!(status.is_locked());
-        assert_eq!(status.measurements(), 5 * LOCK_SAMPLES as u64 + 2);
+        lock.lost(&status, &clock);
+        assert!(!status.is_locked() && !clock.is_locked());
+        assert_eq!(status.measurements(), 40 + 3 * LOCK_SAMPLES as u64 + 2);
     }
 
     #[test]
