@@ -220,6 +220,52 @@ async fn scenario() {
     );
     assert!(status.is_locked());
 
+    // Garbage on both ports is dropped and counted; nothing stops, the lock holds.
+    assert_eq!(status.malformed() + gm_status.malformed(), 0);
+    let junk = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("junk socket");
+    socket2::SockRef::from(&junk)
+        .set_multicast_if_v4(&Ipv4Addr::LOCALHOST)
+        .expect("junk multicast interface");
+    for port in [cfg.event_port, cfg.general_port] {
+        for len in [0usize, 5, 33, 44, 300] {
+            let mut bad = vec![0xa5u8; len];
+            if len > 4 {
+                bad[1] = 2; // PTPv2, but a lying messageLength or a short header
+            }
+            junk.send_to(&bad, (ptp::socket::PTP_PRIMARY_GROUP, port))
+                .expect("send junk");
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while status.malformed() < 10 || gm_status.malformed() < 10 {
+            tick.tick().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "junk not counted: slave {}, grandmaster {}",
+            status.malformed(),
+            gm_status.malformed()
+        )
+    });
+    println!(
+        "malformed datagrams counted: slave {}, grandmaster {}",
+        status.malformed(),
+        gm_status.malformed()
+    );
+    let measured = status.measurements();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while status.measurements() < measured + 4 {
+            tick.tick().await;
+        }
+    })
+    .await
+    .expect("the slave keeps measuring after junk");
+    assert!(status.is_locked() && !gm.is_finished() && !sl.is_finished());
+
     shutdown.cancel();
     gm.await.expect("grandmaster task").expect("grandmaster");
     sl.await.expect("slave task").expect("slave");
