@@ -50,9 +50,18 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        match Command::new("ip")
             .args(["netns", "del", &self.name])
-            .status();
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "could not delete network namespace {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("could not delete network namespace {}: {e}", self.name),
+        }
     }
 }
 
@@ -119,11 +128,12 @@ async fn scenario() {
     let shutdown = CancellationToken::new();
     let gm_status = Arc::new(PtpStatus::default());
     let status = Arc::new(PtpStatus::default());
+    let gm_stop = CancellationToken::new();
     let gm = tokio::spawn(ptp::run_grandmaster_with_status(
         cfg,
         master.clone(),
         gm_status.clone(),
-        shutdown.clone(),
+        gm_stop.clone(),
     ));
     let sl = tokio::spawn(ptp::run_slave(
         cfg,
@@ -147,6 +157,7 @@ async fn scenario() {
     let lock_time = started.elapsed();
     if locked.is_err() {
         shutdown.cancel();
+        gm_stop.cancel();
         panic!(
             "no lock within 40 s: slave state {:?}, grandmaster state {:?}, offset {} ns, \
              {} measurements, {} steps, {} malformed, {} socket errors (gm {})",
@@ -266,9 +277,37 @@ async fn scenario() {
     .expect("the slave keeps measuring after junk");
     assert!(status.is_locked() && !gm.is_finished() && !sl.is_finished());
 
+    // The grandmaster goes away: the slave notices (announce receipt timeout), unlocks and
+    // keeps running, its clock free-running.
+    gm_stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), gm)
+        .await
+        .expect("the grandmaster stops on its token")
+        .expect("grandmaster task")
+        .expect("grandmaster");
+    let gone = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while status.is_locked() {
+            tick.tick().await;
+        }
+    })
+    .await
+    .expect("the slave unlocks when its grandmaster is gone");
+    println!(
+        "grandmaster gone: slave unlocked after {:.2} s",
+        gone.elapsed().as_secs_f64()
+    );
+    assert!(!slave.is_locked());
+    assert_ne!(status.port_state(), PtpPortState::Slave);
+    assert!(!sl.is_finished());
+
     shutdown.cancel();
-    gm.await.expect("grandmaster task").expect("grandmaster");
-    sl.await.expect("slave task").expect("slave");
+    tokio::time::timeout(Duration::from_secs(5), sl)
+        .await
+        .expect("the slave stops on its token")
+        .expect("slave task")
+        .expect("slave");
     assert!(
         !slave.is_locked(),
         "a stopped slave no longer claims a lock"

@@ -19,9 +19,11 @@
 //!
 //! The timescale is PTP (TAI, UTC offset 37 s). The grandmaster reads the coordinator's clock
 //! and never steers it (its port is master-only, its clock adapter refuses changes) and it has
-//! priority 64, so it wins the BMCA against any default-priority (128) PTP clock. A node is
-//! slave-only: it can never become master, even when the grandmaster is gone; its clock then
-//! free-runs at the last rate learnt.
+//! priority 64, so it wins the BMCA against any default-priority (128) PTP clock. A node has the
+//! worst priority (255) and never serves time: when its grandmaster is gone statime may call
+//! the node's port master, but the node then sends nothing and its clock free-runs at the last
+//! rate learnt. (statime's own `slave_only` is not used: its BMCA trips a debug assertion when a
+//! slave-only port loses its master.)
 //!
 //! Bad input never stops the task: a malformed datagram is dropped and counted in
 //! [`PtpStatus::malformed`], socket errors are logged and counted.
@@ -277,6 +279,7 @@ pub async fn run_grandmaster_with_status(
     let role = Role {
         instance,
         master_only: true,
+        never_master: false,
         steering: false,
     };
     run(cfg, role, clock, adapter, rng, status, shutdown).await
@@ -296,13 +299,17 @@ pub async fn run_slave(
         priority_2: 255,
         domain_number: cfg.domain,
         sdo_id: Default::default(),
-        slave_only: true,
+        // Not statime's `slave_only`: its BMCA trips a debug assertion (a panic in debug
+        // builds) when a slave-only port's master times out while the port is still a slave.
+        // A node is kept off the wire as a master by `never_master` instead.
+        slave_only: false,
         path_trace: false,
     };
     let adapter = SteeredClock::new(clock.clone(), status.clone());
     let role = Role {
         instance,
         master_only: false,
+        never_master: true,
         steering: true,
     };
     clock.set_locked(false);
@@ -347,6 +354,8 @@ fn random_identity(rng: &mut SmallRng) -> ClockIdentity {
 struct Role {
     instance: InstanceConfig,
     master_only: bool,
+    /// Whatever statime decides, send nothing while its port is master.
+    never_master: bool,
     steering: bool,
 }
 
@@ -375,6 +384,8 @@ struct Io {
     timers: Timers,
     pending: VecDeque<PendingStamp>,
     status: Arc<PtpStatus>,
+    /// Drop every send (see [`Role::never_master`]).
+    mute: bool,
 }
 
 impl Io {
@@ -382,6 +393,7 @@ impl Io {
         let now = Instant::now();
         for action in actions {
             match action {
+                PortAction::SendEvent { .. } | PortAction::SendGeneral { .. } if self.mute => {}
                 PortAction::SendEvent { context, data, .. } => match self.event.send(data) {
                     Ok(id) => self.pending.push_back(PendingStamp {
                         id,
@@ -595,6 +607,7 @@ async fn run<C: Clock + Send>(
         timers: Timers::default(),
         pending: VecDeque::new(),
         status: status.clone(),
+        mute: false,
     };
     io.apply(first);
     let mut lock = LockTracker::new();
@@ -605,6 +618,9 @@ async fn run<C: Clock + Send>(
 
     loop {
         // What happened, and whether it may have produced an offset measurement.
+        // A node whose grandmaster is gone lets statime call itself master (its clock
+        // free-runs, which is right) but sends nothing, so no node ever serves time.
+        io.mute = role.never_master && port.is_master();
         let measured = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -735,7 +751,12 @@ fn report<C: Clock>(
     status: &PtpStatus,
     model: &ClusterClock,
 ) {
-    status.set_state(PtpPortState::from_statime(port.port_ds().port_state));
+    let state = match PtpPortState::from_statime(port.port_ds().port_state) {
+        // A muted node is a listener, whatever statime calls it.
+        PtpPortState::Master if role.never_master => PtpPortState::Listening,
+        s => s,
+    };
+    status.set_state(state);
     if !role.steering {
         return;
     }
