@@ -280,6 +280,13 @@ mod tests {
                 .expect("datagram not received within 2 s")
                 .expect("recv");
             assert_eq!(&buf[..got.len], &payload);
+            // The sender hears its own datagram too (loopback on): read it, or its receive
+            // queue fills and the kernel, charging stamps to the same buffer, drops them.
+            let own = tokio::time::timeout(LIMIT, tx.recv(&mut buf))
+                .await
+                .expect("own datagram not looped back within 2 s")
+                .expect("recv own");
+            assert_eq!(&buf[..own.len], &payload);
             let after = local_now_ns();
             assert!(before <= stamp.local_ns && stamp.local_ns <= after);
             if let Some(rx_ns) = got.local_ns {
