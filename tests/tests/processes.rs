@@ -233,3 +233,53 @@ print(json.dumps(found))
     }
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+#[test]
+fn errors_name_what_is_wrong_and_exit_non_zero() {
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(format!("vm-errs-{}", std::process::id()));
+    // The HTTP port is taken by someone else.
+    let mut holder = Child::spawn("port-holder", {
+        let mut cmd = ns.command(python());
+        cmd.args([
+            "-c",
+            "import socket,sys,time\ns=socket.socket();s.bind(('127.0.0.1',7400));s.listen()\nprint('bound',flush=True)\ntime.sleep(60)",
+        ]);
+        cmd
+    });
+    holder.expect_line("bound", Duration::from_secs(10));
+    let out = ns
+        .command(voicemesh_bin())
+        .args(["coordinator", "--state-dir"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("HTTP port 127.0.0.1:7400 is already in use"),
+        "{err}"
+    );
+    holder.kill();
+
+    // No JACK server.
+    let out = ns
+        .command(voicemesh_bin())
+        .args(["node", "--audio", "jack"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no JACK server running"), "{err}");
+
+    // A bad flag value.
+    let out = ns
+        .command(voicemesh_bin())
+        .args(["node", "--audio", "alsa"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown audio backend \"alsa\""), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
