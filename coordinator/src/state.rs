@@ -159,12 +159,18 @@ pub struct NodeSnapshot {
     pub voices: u16,
     /// Voices the coordinator has assigned to this node right now.
     pub active_voices: u16,
+    /// Voices the node reports sounding in its last `Status` (includes release tails).
+    pub sounding_voices: u16,
     /// The node's last reported clock offset from the grandmaster, in nanoseconds.
     pub clock_offset_ns: i64,
     /// Whether the node reports its clock as locked.
     pub clock_locked: bool,
-    /// Audio callback load, per mille.
-    pub load_permille: u16,
+    /// Audio callback load, per mille of the block's time budget: mean over the node's last
+    /// status period.
+    pub load_mean_permille: u16,
+    /// Largest single-block callback load over the node's last status period, per mille
+    /// (0 from a protocol 1.0 node).
+    pub load_max_permille: u16,
     /// Buffer under/overruns reported by the node.
     pub xruns: u32,
     /// Events the node played late.
@@ -262,6 +268,7 @@ impl Shared {
                     load_permille: 0,
                     xruns: 0,
                     late_events: 0,
+                    load_max_permille: 0,
                 });
                 NodeSnapshot {
                     id: id.clone(),
@@ -273,7 +280,9 @@ impl Shared {
                     active_voices: u16::try_from(g.alloc.active_voices(id)).unwrap_or(u16::MAX),
                     clock_offset_ns: st.clock_offset_ns,
                     clock_locked: st.clock_locked,
-                    load_permille: st.load_permille,
+                    sounding_voices: st.active_voices,
+                    load_mean_permille: st.load_permille,
+                    load_max_permille: st.load_max_permille,
                     xruns: st.xruns,
                     late_events: st.late_events,
                     last_seen_ms: n

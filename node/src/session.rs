@@ -236,7 +236,7 @@ impl Session {
 
     fn status(&self) -> Message {
         let c = &self.shared.counters;
-        let (mean, _max) = c.take_load();
+        let (mean, max) = c.take_load();
         Message::Status(Status {
             active_voices: c.active().min(u32::from(u16::MAX)) as u16,
             clock_offset_ns: self.shared.ptp.offset_ns(),
@@ -244,6 +244,7 @@ impl Session {
             load_permille: mean,
             xruns: c.xrun_count(),
             late_events: c.late(),
+            load_max_permille: max,
         })
     }
 

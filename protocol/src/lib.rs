@@ -37,4 +37,6 @@ pub use time::{ClusterTime, MAX_BPM, MIN_BPM, Timeline};
 /// Major protocol version: peers with another major version cannot talk and are refused.
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Minor protocol version: additions that older peers of the same major version may ignore.
-pub const PROTOCOL_MINOR: u8 = 0;
+///
+/// History: 1.0 first release; 1.1 added `Status::load_max_permille`.
+pub const PROTOCOL_MINOR: u8 = 1;

@@ -97,6 +97,10 @@ pub struct Status {
     pub xruns: u32,
     /// Events that arrived after their `at` and were played at once, since start.
     pub late_events: u32,
+    /// Largest single-block callback load since the last status, in per-mille of the block's
+    /// time budget. Added in protocol 1.1; a 1.0 peer's `Status` decodes with 0.
+    #[serde(default)]
+    pub load_max_permille: u16,
 }
 
 /// Coordinator → node: start a voice at `at`.

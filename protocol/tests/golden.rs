@@ -24,6 +24,12 @@ struct Vector {
     file: &'static str,
     describe: &'static str,
     message: Message,
+    /// The minor version the vector was written with (its frame header says so).
+    minor: u8,
+    /// Whether this build still encodes the message to the same body. False for a vector of
+    /// an older minor whose message later gained a field: it must still decode, but this
+    /// build's encoding is pinned by the newer vector.
+    same_body_now: bool,
 }
 
 fn s<const N: usize>(text: &str) -> heapless::String<N> {
@@ -38,7 +44,7 @@ fn timeline() -> Timeline {
     }
 }
 
-/// Every vector of protocol version 1.0. Each `Message` variant appears at least once.
+/// Every vector: those of protocol 1.0 (each `Message` variant at least once) and of 1.1.
 fn vectors() -> Vec<Vector> {
     let mut engines = heapless::Vec::new();
     engines.push(s("subtractive")).unwrap();
@@ -50,6 +56,8 @@ fn vectors() -> Vec<Vector> {
     vec![
         Vector {
             file: "v1_0_hello",
+            minor: 0,
+            same_body_now: true,
             describe: "Hello { id: \"n-01\", name: \"pi-kitchen\", role: Node, voices: 16, cv: 0, engines: [\"subtractive\", \"fm\"], sample_rate: 48000 }",
             message: Message::Hello(Hello {
                 id: s("n-01"),
@@ -63,6 +71,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_hello_mcu",
+            minor: 0,
+            same_body_now: true,
             describe: "Hello { id: \"t41\", name: \"teensy\", role: Mcu, voices: 0, cv: 8, engines: [], sample_rate: 0 }",
             message: Message::Hello(Hello {
                 id: s("t41"),
@@ -76,6 +86,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_welcome",
+            minor: 0,
+            same_body_now: true,
             describe: "Welcome { coordinator: \"coord-a\", heartbeat_ms: 100, lease_ms: 1000, timeline: { ns_per_beat: 500000000, beat0_micro: -2500000, t0: 1700000000000000000 } }",
             message: Message::Welcome(Welcome {
                 coordinator: s("coord-a"),
@@ -86,6 +98,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_heartbeat",
+            minor: 0,
+            same_body_now: true,
             describe: "Heartbeat { seq: 7, now: 1000000000 }",
             message: Message::Heartbeat(Heartbeat {
                 seq: 7,
@@ -94,7 +108,9 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_status",
-            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000 }",
+            minor: 0,
+            same_body_now: false,
+            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000 } (1.0: no load_max_permille, decodes as 0)",
             message: Message::Status(Status {
                 active_voices: 3,
                 clock_offset_ns: -1500,
@@ -102,10 +118,28 @@ fn vectors() -> Vec<Vector> {
                 load_permille: 250,
                 xruns: 0,
                 late_events: 70_000,
+                load_max_permille: 0,
+            }),
+        },
+        Vector {
+            file: "v1_1_status",
+            minor: 1,
+            same_body_now: true,
+            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000, load_max_permille: 900 }",
+            message: Message::Status(Status {
+                active_voices: 3,
+                clock_offset_ns: -1500,
+                clock_locked: true,
+                load_permille: 250,
+                xruns: 0,
+                late_events: 70_000,
+                load_max_permille: 900,
             }),
         },
         Vector {
             file: "v1_0_voice_on",
+            minor: 0,
+            same_body_now: true,
             describe: "VoiceOn { voice: 2, note: 60, velocity: 100, channel: 0, at: 5000000, lease_until: 1005000000 }",
             message: Message::VoiceOn(VoiceOn {
                 voice: 2,
@@ -118,6 +152,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_voice_off",
+            minor: 0,
+            same_body_now: true,
             describe: "VoiceOff { voice: 2, at: 505000000 }",
             message: Message::VoiceOff(VoiceOff {
                 voice: 2,
@@ -126,6 +162,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_voice_param",
+            minor: 0,
+            same_body_now: true,
             describe: "VoiceParam { voice: 2, param: 7, value: 0.25 (f32), at: 6000000 }",
             message: Message::VoiceParam(VoiceParam {
                 voice: 2,
@@ -136,6 +174,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_lease_renew",
+            minor: 0,
+            same_body_now: true,
             describe: "LeaseRenew { voices: [0, 1, 200, 65535], until: 2000000000 }",
             message: Message::LeaseRenew(LeaseRenew {
                 voices,
@@ -144,11 +184,15 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_timeline",
+            minor: 0,
+            same_body_now: true,
             describe: "Timeline { ns_per_beat: 500000000, beat0_micro: -2500000, t0: 1700000000000000000 }",
             message: Message::Timeline(timeline()),
         },
         Vector {
             file: "v1_0_cv_set",
+            minor: 0,
+            same_body_now: true,
             describe: "CvSet { channel: 1, microvolts: -5000000, at: 7000000 }",
             message: Message::CvSet(CvSet {
                 channel: 1,
@@ -158,6 +202,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_bye",
+            minor: 0,
+            same_body_now: true,
             describe: "Bye { reason: \"shutting down\" }",
             message: Message::Bye(Bye {
                 reason: s("shutting down"),
@@ -165,6 +211,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_error_version_mismatch",
+            minor: 0,
+            same_body_now: true,
             describe: "Error(ErrorMsg { code: VersionMismatch, text: \"peer speaks 2.x\" })",
             message: Message::Error(ErrorMsg {
                 code: ErrorCode::VersionMismatch,
@@ -173,6 +221,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_error_refused",
+            minor: 0,
+            same_body_now: true,
             describe: "Error(ErrorMsg { code: Refused, text: \"no capacity\" })",
             message: Message::Error(ErrorMsg {
                 code: ErrorCode::Refused,
@@ -181,6 +231,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_error_bad_message",
+            minor: 0,
+            same_body_now: true,
             describe: "Error(ErrorMsg { code: BadMessage, text: \"\" })",
             message: Message::Error(ErrorMsg {
                 code: ErrorCode::BadMessage,
@@ -189,6 +241,8 @@ fn vectors() -> Vec<Vector> {
         },
         Vector {
             file: "v1_0_error_other",
+            minor: 0,
+            same_body_now: true,
             describe: "Error(ErrorMsg { code: Other, text: \"é\" })",
             message: Message::Error(ErrorMsg {
                 code: ErrorCode::Other,
@@ -274,8 +328,8 @@ fn every_variant_has_a_vector() {
         seen.iter().all(|s| *s),
         "variants without a vector: {seen:?}"
     );
-    // The vectors are of the version this build speaks.
-    assert_eq!((PROTOCOL_VERSION, PROTOCOL_MINOR), (1, 0));
+    // The newest vectors are of the version this build speaks.
+    assert_eq!((PROTOCOL_VERSION, PROTOCOL_MINOR), (1, 1));
 }
 
 #[test]
@@ -284,7 +338,7 @@ fn golden_vectors_match_both_codecs() {
     let mut checked = 0;
     for v in vectors() {
         let path = golden_dir().join(format!("{}.hex", v.file));
-        if bless && !path.exists() {
+        if bless && !path.exists() && v.minor == PROTOCOL_MINOR {
             std::fs::create_dir_all(golden_dir()).unwrap();
             let text = format!(
                 "# {}\n# VoiceMesh protocol {}.{}, generated from the encoder.\n{}",
@@ -299,31 +353,83 @@ fn golden_vectors_match_both_codecs() {
             panic!("{}: {e} (new vector? see this file's docs)", path.display())
         });
         let golden = parse_hex(&text);
+        assert_eq!(golden[5], v.minor, "{}: header minor", v.file);
 
-        assert_eq!(
-            encode_rmp(&v.message),
-            golden,
-            "{}: rmp-serde bytes differ",
-            v.file
-        );
-        assert_eq!(
-            encode_portable(&v.message),
-            golden,
-            "{}: messagepack-serde bytes differ",
-            v.file
-        );
-
+        // Every vector, of any minor, decodes to its message with both codecs.
         let (frame, used) = decode_frame(&golden).expect("rmp-serde decodes");
         assert_eq!(used, golden.len(), "{}", v.file);
         assert_eq!(frame.message, v.message, "{}: rmp-serde", v.file);
-        assert_eq!(frame.minor, PROTOCOL_MINOR);
+        assert_eq!(frame.minor, v.minor, "{}", v.file);
 
         let (frame, used) = codec::portable::decode_frame(&golden).expect("portable decodes");
         assert_eq!(used, golden.len(), "{}", v.file);
         assert_eq!(frame.message, v.message, "{}: messagepack-serde", v.file);
+
+        // This build writes its own minor in the header; the body is unchanged unless the
+        // message gained a field since.
+        let mut now = golden.clone();
+        now[5] = PROTOCOL_MINOR;
+        if v.same_body_now {
+            assert_eq!(
+                encode_rmp(&v.message),
+                now,
+                "{}: rmp-serde bytes differ",
+                v.file
+            );
+            assert_eq!(
+                encode_portable(&v.message),
+                now,
+                "{}: messagepack-serde bytes differ",
+                v.file
+            );
+        } else {
+            assert_ne!(encode_rmp(&v.message), now, "{}: still current?", v.file);
+        }
         checked += 1;
     }
     assert_eq!(checked, vectors().len());
+}
+
+/// Each variant has a vector of the current minor or an older one it still encodes the same.
+#[test]
+fn every_variant_is_pinned_at_the_current_version() {
+    let mut seen = [false; 12];
+    for v in vectors().iter().filter(|v| v.same_body_now) {
+        seen[variant_index(&v.message)] = true;
+    }
+    assert!(seen.iter().all(|s| *s), "variants not pinned: {seen:?}");
+}
+
+/// A 1.1 `Status` read by a 1.0 peer: the extra field is skipped, the rest is kept. Simulated
+/// with a struct of the 1.0 shape.
+#[test]
+fn v1_1_status_body_is_readable_by_the_1_0_shape() {
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct StatusV10 {
+        active_voices: u16,
+        clock_offset_ns: i64,
+        clock_locked: bool,
+        load_permille: u16,
+        xruns: u32,
+        late_events: u32,
+    }
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    enum MessageV10 {
+        Status(StatusV10),
+    }
+    let golden = parse_hex(&std::fs::read_to_string(golden_dir().join("v1_1_status.hex")).unwrap());
+    let old: MessageV10 = rmp_serde::from_slice(&golden[6..]).expect("1.0 shape decodes 1.1");
+    assert_eq!(
+        old,
+        MessageV10::Status(StatusV10 {
+            active_voices: 3,
+            clock_offset_ns: -1500,
+            clock_locked: true,
+            load_permille: 250,
+            xruns: 0,
+            late_events: 70_000,
+        })
+    );
 }
 
 /// Every `.hex` file under `tests/golden` is one of [`vectors`]: no stale vectors linger.

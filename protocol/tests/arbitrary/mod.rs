@@ -83,9 +83,18 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<u16>(),
         any::<u32>(),
         any::<u32>(),
+        any::<u16>(),
     )
         .prop_map(
-            |(active_voices, clock_offset_ns, clock_locked, load_permille, xruns, late_events)| {
+            |(
+                active_voices,
+                clock_offset_ns,
+                clock_locked,
+                load_permille,
+                xruns,
+                late_events,
+                load_max_permille,
+            )| {
                 Message::Status(Status {
                     active_voices,
                     clock_offset_ns,
@@ -93,6 +102,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                     load_permille,
                     xruns,
                     late_events,
+                    load_max_permille,
                 })
             },
         );
