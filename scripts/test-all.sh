@@ -18,6 +18,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
+test_log=$target_dir/voicemesh-test-output.log
 fuzz_seconds=${FUZZ_SECONDS:-20}
 if [[ "${CI:-}" == "true" ]]; then
     export CARGO_INCREMENTAL=0
@@ -217,15 +218,28 @@ run_tests() {
     export VOICEMESH_BIN=$target_dir/release/voicemesh
     export VOICEMESH_PYTHON=$repo/.venv/bin/python
     [[ -x $VOICEMESH_BIN ]] || die "release binary missing: $VOICEMESH_BIN"
+    : > "$test_log"
     if command -v cargo-nextest >/dev/null; then
-        cargo nextest run --workspace --locked --no-fail-fast
+        cargo nextest run --workspace --locked --no-fail-fast 2>&1 | tee -a "$test_log"
         # nextest does not run doctests.
-        cargo test --workspace --locked --doc
+        cargo test --workspace --locked --doc 2>&1 | tee -a "$test_log"
     else
-        cargo test --workspace --locked --no-fail-fast
+        cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$test_log"
     fi
     # The firmware's codec path: serde without `alloc`, so decoding may allocate nothing.
-    cargo test -p voicemesh-protocol --no-default-features --locked --test allocations
+    cargo test -p voicemesh-protocol --no-default-features --locked --test allocations 2>&1 | tee -a "$test_log"
+}
+
+# Adds up what the test runners reported: nextest's summary and libtest's result lines.
+count_tests() {
+    local passed=0 failed=0 p f
+    while read -r p f; do
+        passed=$((passed + p)); failed=$((failed + f))
+    done < <(
+        sed -n -E 's/.*[0-9]+ tests? run: ([0-9]+) passed(, ([0-9]+) failed)?.*/\1 \3/p' "$test_log" | awk '{print $1, ($2==""?0:$2)}'
+        sed -n -E 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$test_log"
+    )
+    printf '%d %d\n' "$passed" "$failed"
 }
 
 fuzz_smoke() {
@@ -269,3 +283,5 @@ if [[ ${#failed[@]} -gt 0 ]]; then
     exit 1
 fi
 printf 'ALL CHECKS PASSED in %ds\n' "$(($(date +%s) - started))"
+read -r n_passed n_failed < <(count_tests)
+printf 'tests: %d passed, %d failed\n' "$n_passed" "$n_failed"
