@@ -123,12 +123,13 @@ struct NodeArgs {
     /// Number of synth voices.
     #[arg(long, value_name = "N", default_value_t = 8)]
     voices: u16,
-    /// Audio output: `jack`, `wav:DIR` (one WAV file per node, for headless machines),
-    /// `null` (paced by a timer, output discarded) or `auto` (JACK if a server runs, else WAV
-    /// files under ./voicemesh-audio).
+    /// Audio output: `jack`, `alsa` or `alsa:DEVICE` (an ALSA PCM such as `hw:0,0`, through
+    /// cpal), `wav:DIR` (one WAV file per node recorded in real time, paced by the cluster
+    /// clock, for headless machines), `null` (paced by a timer, output discarded) or `auto`
+    /// (JACK if a server runs, else WAV files under ./voicemesh-audio).
     #[arg(long, value_name = "SPEC", default_value = "auto")]
     audio: AudioSpec,
-    /// Sample rate for the wav and null outputs (JACK uses the server's).
+    /// Sample rate for the alsa, wav and null outputs (JACK uses the server's).
     #[arg(long, value_name = "HZ", default_value_t = 48_000)]
     sample_rate: u32,
     /// UDP port of the QUIC control session (0 = any free port; it is advertised over mDNS).
@@ -338,6 +339,8 @@ async fn run_node(a: NodeArgs) -> Result<()> {
         .await
         .with_context(|| format!("starting node {name}"))?;
     print_node(&name, &node, scope);
+    // One plain line: what real-time treatment the audio got and how to get more.
+    println!("node {name}: {}", node.realtime());
     node.wait().await.with_context(|| format!("node {name}"))?;
     Ok(())
 }

@@ -32,6 +32,17 @@ pub enum NodeError {
     /// The JACK server answered but a client, port or activation failed.
     #[error("JACK: {0}")]
     Jack(String),
+    /// `--audio alsa[:DEVICE]`: the ALSA device could not be found or opened.
+    #[error(
+        "cannot open ALSA output device {device:?}: {detail} (no sound card? use --audio jack \
+         with a JACK server, --audio wav:DIR to record, or --audio null)"
+    )]
+    Alsa {
+        /// The ALSA PCM name asked for (`default` when none was given).
+        device: String,
+        /// What ALSA (through cpal) said.
+        detail: String,
+    },
     /// The WAV output directory cannot be created or written.
     #[error("cannot write WAV output in {dir}: {source}")]
     WavDir {

@@ -121,6 +121,7 @@ impl NodeConfig {
 pub struct RunningNode {
     quic_addr: SocketAddr,
     audio_description: String,
+    realtime: rt::RtReport,
     sample_rate: u32,
     clock: Arc<ClusterClock>,
     ptp: Arc<PtpStatus>,
@@ -139,6 +140,12 @@ impl RunningNode {
     /// `WAV file /x/a.wav`.
     pub fn audio_description(&self) -> String {
         self.audio_description.clone()
+    }
+
+    /// What real-time treatment the audio thread and the process got, with how to get more;
+    /// `to_string()` is the one line the CLI prints at start.
+    pub fn realtime(&self) -> &rt::RtReport {
+        &self.realtime
     }
 
     /// The audio sample rate in use.
@@ -296,6 +303,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Runni
     Ok(RunningNode {
         quic_addr,
         audio_description: audio.description,
+        realtime: audio.realtime,
         sample_rate: audio.sample_rate,
         clock,
         ptp,

@@ -5,6 +5,10 @@
 //! version; the timing issue refines it) = `clock.to_cluster(CLOCK_REALTIME now)` at the start
 //! of the callback plus the playback latency of `out`, re-read whenever JACK recomputes
 //! latencies.
+//!
+//! The process thread is JACK's: its scheduling is whatever the server gives its clients
+//! (`jackd -R -P N`). The first callback records it ([`crate::rt::current_sched`], no
+//! allocation) so the node can say what it got; the node locks its own memory.
 
 use super::{AudioParams, RunningAudio};
 use crate::clock::{ClusterClock, local_now_ns};
@@ -12,7 +16,19 @@ use crate::engine::{Engine, EngineCounters};
 use crate::error::NodeError;
 use jack::{AudioOut, Client, ClientOptions, Control, LatencyType, Port, ProcessScope};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How long `start` waits for the first callback to learn the process thread's scheduling.
+const FIRST_CALLBACK_WAIT: Duration = Duration::from_secs(2);
+
+/// The process thread's scheduling, written once by the first callback.
+#[derive(Debug, Default)]
+struct SeenSched {
+    seen: AtomicBool,
+    policy: AtomicI32,
+    priority: AtomicI32,
+}
 use tokio_util::sync::CancellationToken;
 
 /// Playback ports `out` is connected to, when they exist.
@@ -42,15 +58,26 @@ struct Process {
     out: Port<AudioOut>,
     clock: Arc<ClusterClock>,
     latency_ns: Arc<AtomicU64>,
+    counters: Arc<EngineCounters>,
+    sched: Arc<SeenSched>,
 }
 
 impl jack::ProcessHandler for Process {
     fn process(&mut self, _: &Client, ps: &ProcessScope) -> Control {
+        let entered = super::monotonic_ns();
+        if !self.sched.seen.load(Ordering::Relaxed) {
+            let s = crate::rt::current_sched();
+            self.sched.policy.store(s.policy, Ordering::Relaxed);
+            self.sched.priority.store(s.priority, Ordering::Relaxed);
+            self.sched.seen.store(true, Ordering::Release);
+        }
         let now = local_now_ns();
         let lat = self.latency_ns.load(Ordering::Relaxed) as i64;
         let start = self.clock.to_cluster(now).add_nanos(lat);
         let buf = self.out.as_mut_slice(ps);
-        self.engine.render_timed(start, buf);
+        let frames = buf.len();
+        self.engine.render(start, buf);
+        super::record_block_load(&self.counters, entered, frames, self.engine.sample_rate());
         Control::Continue
     }
 }
@@ -108,11 +135,14 @@ pub fn start(
         latency_ns: latency_ns.clone(),
         sample_rate: sr,
     };
+    let sched = Arc::new(SeenSched::default());
     let process = Process {
         engine,
         out,
         clock: p.clock.clone(),
         latency_ns: latency_ns.clone(),
+        counters: p.counters.clone(),
+        sched: sched.clone(),
     };
     let active = client
         .activate_async(notifications, process)
@@ -147,6 +177,30 @@ pub fn start(
     };
     tracing::info!("{description}, {sr} Hz, output latency {} frames", max);
 
+    // What the server's process thread got: wait for the first callback (it comes within a
+    // period once the client is active) rather than guess.
+    let deadline = std::time::Instant::now() + FIRST_CALLBACK_WAIT;
+    while !sched.seen.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let thread_sched = if sched.seen.load(Ordering::Acquire) {
+        Ok(crate::rt::ThreadSched {
+            policy: sched.policy.load(Ordering::Relaxed),
+            priority: sched.priority.load(Ordering::Relaxed),
+        })
+    } else {
+        Err(format!(
+            "no process callback within {} s: is the JACK server running its driver?",
+            FIRST_CALLBACK_WAIT.as_secs()
+        ))
+    };
+    let realtime = crate::rt::RtReport {
+        thread: "JACK process thread".into(),
+        sched: thread_sched,
+        refused: None,
+        memory: crate::rt::lock_memory(),
+    };
+
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
         let r = tokio::task::spawn_blocking(move || active.deactivate()).await;
@@ -163,6 +217,7 @@ pub fn start(
         description,
         sample_rate: sr,
         sender,
+        realtime,
         task,
     })
 }

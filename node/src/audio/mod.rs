@@ -1,18 +1,28 @@
-//! Audio backends: JACK, a WAV recorder and a null sink, the last two paced by the cluster
-//! clock.
+//! Audio backends: JACK, ALSA through cpal, a WAV recorder and a null sink (the last two
+//! paced by the cluster clock), and an offline renderer for tests.
 //!
 //! Every backend owns an [`Engine`](crate::engine::Engine) on its audio thread and tells it
 //! the cluster time of each block's first frame. JACK: `clock.to_cluster(now)` at the start of
-//! the callback plus the output port's playback latency. Paced (WAV, null): frame `n` is at
-//! `first_frame_cluster_ns + n·1e9/sr` exactly, and block `k` is rendered when the cluster
-//! clock reaches its first frame, like a sound card that consumes it at that instant.
+//! the callback plus the output port's playback latency. ALSA (cpal): the same, with the
+//! latency cpal reports for the callback (playback instant − callback instant). Paced (WAV,
+//! null): frame `n` is at `first_frame_cluster_ns + n·1e9/sr` exactly, and block `k` is
+//! rendered when the cluster clock reaches its end, like a sound card that consumes it then.
+//! [`offline::render_offline`] renders a list of timestamped events into a WAV file as fast as
+//! the CPU allows, without a clock.
+//!
+//! Every backend measures its callback load the same way ([`record_block_load`]): the time
+//! from the callback's entry to the end of rendering, against the block's duration, recorded
+//! in the engine counters (atomics, no allocation) for the status mean and max.
 
+pub mod alsa;
 pub mod jack;
+pub mod offline;
 pub mod paced;
 
 use crate::clock::ClusterClock;
 use crate::engine::{EngineCounters, EventSender};
 use crate::error::NodeError;
+use crate::rt::RtReport;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -29,6 +39,8 @@ pub enum AudioSpec {
     Auto,
     /// JACK; fails if no server runs.
     Jack,
+    /// ALSA through cpal, on the named PCM device (`None`: ALSA's `default`).
+    Alsa(Option<String>),
     /// Real-time render into `DIR/<id>.wav` with a JSON sidecar.
     Wav(PathBuf),
     /// Real-time render, output discarded.
@@ -37,7 +49,10 @@ pub enum AudioSpec {
 
 /// Why an `--audio` value was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown audio backend {0:?}: expected \"auto\", \"jack\", \"null\" or \"wav:DIR\"")]
+#[error(
+    "unknown audio backend {0:?}: expected \"auto\", \"jack\", \"alsa\", \"alsa:DEVICE\", \
+     \"null\" or \"wav:DIR\""
+)]
 pub struct ParseAudioSpecError(pub String);
 
 impl FromStr for AudioSpec {
@@ -48,6 +63,13 @@ impl FromStr for AudioSpec {
             "auto" => Ok(AudioSpec::Auto),
             "jack" => Ok(AudioSpec::Jack),
             "null" => Ok(AudioSpec::Null),
+            "alsa" => Ok(AudioSpec::Alsa(None)),
+            _ if s.starts_with("alsa:") => match &s["alsa:".len()..] {
+                "" => Err(ParseAudioSpecError(format!(
+                    "{s} (alsa: needs a device, e.g. alsa:hw:0,0, or plain alsa for the default)"
+                ))),
+                dev => Ok(AudioSpec::Alsa(Some(dev.to_string()))),
+            },
             _ => match s.strip_prefix("wav:") {
                 Some(dir) if !dir.is_empty() => Ok(AudioSpec::Wav(PathBuf::from(dir))),
                 Some(_) => Err(ParseAudioSpecError(format!(
@@ -64,6 +86,8 @@ impl std::fmt::Display for AudioSpec {
         match self {
             AudioSpec::Auto => write!(f, "auto"),
             AudioSpec::Jack => write!(f, "jack"),
+            AudioSpec::Alsa(None) => write!(f, "alsa"),
+            AudioSpec::Alsa(Some(d)) => write!(f, "alsa:{d}"),
             AudioSpec::Wav(d) => write!(f, "wav:{}", d.display()),
             AudioSpec::Null => write!(f, "null"),
         }
@@ -96,6 +120,8 @@ pub struct RunningAudio {
     pub sample_rate: u32,
     /// The control side of the engine's event queue.
     pub sender: EventSender,
+    /// What real-time treatment the audio thread and the process got (printed at start).
+    pub realtime: RtReport,
     /// Resolves when the backend has stopped (after `shutdown`) and its output is complete.
     pub task: JoinHandle<Result<(), NodeError>>,
 }
@@ -108,6 +134,7 @@ pub fn start(
 ) -> Result<RunningAudio, NodeError> {
     match spec {
         AudioSpec::Jack => jack::start(jack::open_client(&p.id)?, p, shutdown),
+        AudioSpec::Alsa(device) => alsa::start(device.as_deref(), p, shutdown),
         AudioSpec::Wav(dir) => paced::start(Some(dir.clone()), p, shutdown),
         AudioSpec::Null => paced::start(None, p, shutdown),
         AudioSpec::Auto => match jack::open_client(&p.id) {
@@ -123,6 +150,32 @@ pub fn start(
     }
 }
 
+/// CLOCK_MONOTONIC in ns (vDSO: no allocation, no syscall on x86-64 and arm64).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec and CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Records one callback's load: the time since `entered_ns` ([`monotonic_ns`] at the
+/// callback's entry) against the duration of `frames` frames at `sample_rate`, in per-mille.
+/// Wait-free, allocation-free: called on the audio thread by every backend.
+pub fn record_block_load(
+    counters: &EngineCounters,
+    entered_ns: u64,
+    frames: usize,
+    sample_rate: u32,
+) {
+    let spent = monotonic_ns().saturating_sub(entered_ns);
+    let budget = (frames as u64 * 1_000_000_000) / u64::from(sample_rate.max(1));
+    let permille = (spent * 1000).checked_div(budget).unwrap_or(0);
+    counters.record_load(permille.min(u64::from(u32::MAX)) as u32);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,13 +189,40 @@ mod tests {
             "wav:/tmp/x".parse(),
             Ok(AudioSpec::Wav(PathBuf::from("/tmp/x")))
         );
-        let e = "alsa".parse::<AudioSpec>().unwrap_err().to_string();
-        assert!(e.contains("\"alsa\"") && e.contains("wav:DIR"), "{e}");
+        assert_eq!("alsa".parse(), Ok(AudioSpec::Alsa(None)));
+        assert_eq!(
+            "alsa:hw:1,0".parse(),
+            Ok(AudioSpec::Alsa(Some("hw:1,0".into())))
+        );
+        assert_eq!(
+            "alsa:hw:1,0".parse::<AudioSpec>().unwrap().to_string(),
+            "alsa:hw:1,0"
+        );
+        assert_eq!("alsa".parse::<AudioSpec>().unwrap().to_string(), "alsa");
+        let e = "alsa:".parse::<AudioSpec>().unwrap_err().to_string();
+        assert!(e.contains("alsa: needs a device"), "{e}");
+        let e = "pulse".parse::<AudioSpec>().unwrap_err().to_string();
+        assert!(
+            e.contains("\"pulse\"") && e.contains("wav:DIR") && e.contains("alsa:DEVICE"),
+            "{e}"
+        );
         let e = "wav:".parse::<AudioSpec>().unwrap_err().to_string();
         assert!(e.contains("needs a directory"), "{e}");
         assert_eq!(
             "wav:out".parse::<AudioSpec>().unwrap().to_string(),
             "wav:out"
         );
+    }
+
+    #[test]
+    fn block_load_is_per_mille_of_the_budget() {
+        let c = EngineCounters::default();
+        // 48 frames at 48 kHz = 1 ms budget; "entered" 2 ms ago → at least 2000 ‰.
+        record_block_load(&c, monotonic_ns() - 2_000_000, 48, 48_000);
+        record_block_load(&c, monotonic_ns(), 48_000, 48_000);
+        let (mean, max) = c.take_load();
+        assert!(max >= 2000, "max {max}");
+        assert!(mean >= 1000 && mean < max, "mean {mean} max {max}");
+        assert_eq!(c.take_load(), (0, 0), "reset after a read");
     }
 }

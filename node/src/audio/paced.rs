@@ -85,10 +85,10 @@ pub fn frame_time(first: u64, n: u64, sample_rate: u32) -> u64 {
     first + ((u128::from(n) * 1_000_000_000 + sr / 2) / sr) as u64
 }
 
-struct WavOut {
-    wav: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
-    wav_path: PathBuf,
-    json_path: PathBuf,
+pub(crate) struct WavOut {
+    pub(crate) wav: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
+    pub(crate) wav_path: PathBuf,
+    pub(crate) json_path: PathBuf,
 }
 
 /// Starts the paced backend; with `dir` it records, without it discards.
@@ -109,6 +109,7 @@ pub fn start(
 
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (rt_tx, rt_rx) = std::sync::mpsc::sync_channel(1);
     let thread_name = format!("vm-audio-{}", p.id);
     let rec = wav.map(|w| {
         let onsets = engine.record_onsets();
@@ -121,8 +122,8 @@ pub fn start(
     let spawn = std::thread::Builder::new()
         .name(thread_name.clone())
         .spawn(move || {
-            let rt = crate::rt::request_realtime(&thread_name);
-            tracing::debug!("{rt}");
+            let rt = crate::rt::request_realtime(&format!("render thread {thread_name}"));
+            let _ = rt_tx.send(rt);
             let result = match rec {
                 None => {
                     render_loop(&mut engine, &clock, first, &shutdown, |_, _| {});
@@ -168,6 +169,11 @@ pub fn start(
             "cannot start the audio thread: {e}"
         )));
     }
+    // The thread's first act is to ask for SCHED_FIFO and report; a dead thread drops the
+    // sender, so this never waits long.
+    let realtime = rt_rx.recv().map_err(|_| {
+        NodeError::AudioThread("the audio thread ended before it started rendering".into())
+    })?;
     let task = tokio::spawn(async move {
         done_rx
             .await
@@ -177,6 +183,7 @@ pub fn start(
         description,
         sample_rate: sr,
         sender,
+        realtime,
         task,
     })
 }
@@ -185,7 +192,7 @@ fn block_ns(sr: u32) -> u64 {
     BLOCK_FRAMES as u64 * 1_000_000_000 / u64::from(sr.max(1))
 }
 
-fn open_wav(dir: &Path, id: &str, sr: u32) -> Result<WavOut, NodeError> {
+pub(crate) fn open_wav(dir: &Path, id: &str, sr: u32) -> Result<WavOut, NodeError> {
     let dir_err = |source| NodeError::WavDir {
         dir: dir.to_path_buf(),
         source,
@@ -270,7 +277,9 @@ fn render_loop(
         } else {
             behind = false;
         }
-        engine.render_timed(start, &mut buf);
+        let entered = super::monotonic_ns();
+        engine.render(start, &mut buf);
+        super::record_block_load(engine.counters(), entered, BLOCK_FRAMES, sr);
         sink(&buf, start);
         frame += BLOCK_FRAMES as u64;
     }
@@ -338,7 +347,7 @@ fn write_loop(
     Ok(())
 }
 
-fn write_json_atomically(path: &Path, sidecar: &WavSidecar) -> Result<(), NodeError> {
+pub(crate) fn write_json_atomically(path: &Path, sidecar: &WavSidecar) -> Result<(), NodeError> {
     let err = |detail: String| NodeError::WavWrite {
         path: path.to_path_buf(),
         detail,
