@@ -39,7 +39,7 @@ pub const MAX_VOICES: u16 = 256;
 /// Default sample rate of the paced backends.
 pub const DEFAULT_SAMPLE_RATE: u32 = 48_000;
 /// The synth engines this node runs (announced in `Hello` and the mDNS TXT record).
-pub const ENGINES: [&str; 1] = ["saw"];
+pub const ENGINES: [&str; engine::ENGINE_COUNT] = engine::ENGINE_NAMES;
 
 /// Whether a JACK server answers (the default one, or `$JACK_DEFAULT_SERVER`). Never starts
 /// a server.

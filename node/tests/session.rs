@@ -127,7 +127,7 @@ fn control_session_end_to_end() {
         assert_eq!(info.txt("voices"), Some("6"));
         assert_eq!(info.txt("cv"), Some("0"));
         assert_eq!(info.txt("proto"), Some("1"));
-        assert_eq!(info.txt("engines"), Some("saw"));
+        assert_eq!(info.txt("engines"), Some("subtractive,fm2"));
         stop_browse.cancel();
 
         let ep = quic_client();
@@ -140,7 +140,7 @@ fn control_session_end_to_end() {
         assert_eq!(hello.role, Role::Node);
         assert_eq!(hello.voices, 6);
         assert_eq!(hello.sample_rate, 48_000);
-        assert_eq!(hello.engines[0].as_str(), "saw");
+        assert_eq!(hello.engines[0].as_str(), "subtractive");
 
         c.welcome().await;
         c.until(|m| matches!(m, Message::Heartbeat(_)).then_some(()))

@@ -11,14 +11,31 @@
 //! the counting-allocator test in `tests/no_alloc.rs`).
 //!
 //! Counters the session reads live in [`EngineCounters`] (atomics).
+//!
+//! The sound comes from a [`SynthEngine`] plugin (see [`plugin`]): the scheduler splits each
+//! block at its events' frames and renders the span before each event with one
+//! [`SynthEngine::render_add`] call, so events are frame-exact and blocks without events render
+//! in one vectorised pass. The scheduler keeps the gates and leases; the engine only the sound.
 
-pub mod voice;
+pub mod bench;
+pub mod dsp;
+pub mod fm2;
+pub mod naive;
+pub mod plugin;
+pub mod subtractive;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use voicemesh_protocol::{ClusterTime, Timeline, VoiceId};
 
-pub use voice::{PARAM_PITCH_SEMITONES, PARAM_VOLUME, Voice};
+pub use plugin::{
+    API_VERSION, DEFAULT_ENGINE, ENGINE_COUNT, ENGINE_NAMES, EngineInfo, EngineState,
+    PARAM_PITCH_SEMITONES, PARAM_VOLUME, ParamInfo, Preset, SynthEngine, Tempo, UnknownEngine,
+    create, engine_info, engines,
+};
+
+/// Largest render call the scheduler makes into an engine (longer blocks are cut).
+pub const DEFAULT_MAX_BLOCK: usize = 1024;
 
 /// Capacity of the control → audio event queue.
 pub const EVENT_QUEUE_CAPACITY: usize = 1024;
@@ -43,7 +60,8 @@ pub enum EventKind {
     Off,
     /// Set an engine parameter of the voice.
     Param {
-        /// Parameter number ([`PARAM_VOLUME`], [`PARAM_PITCH_SEMITONES`]).
+        /// Parameter number ([`PARAM_VOLUME`], [`PARAM_PITCH_SEMITONES`], or one of the
+        /// engine's, see [`EngineInfo::params`]).
         param: u16,
         /// New value.
         value: f32,
@@ -197,11 +215,15 @@ impl EventSender {
     }
 }
 
-/// The audio-thread half: voice pool, pending events, render.
+/// The audio-thread half: voice gates and leases, pending events, render through a
+/// [`SynthEngine`].
 #[derive(Debug)]
 pub struct Engine {
     sample_rate: u32,
-    voices: Box<[Voice]>,
+    synth: Box<dyn SynthEngine>,
+    max_block: usize,
+    gated: Box<[bool]>,
+    lease_until: Box<[u64]>,
     rx: rtrb::Consumer<Control>,
     pending: Vec<EngineEvent>,
     counters: Arc<EngineCounters>,
@@ -211,16 +233,56 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine of `voices` voices at `sample_rate` Hz, and the sender that feeds it.
+    /// An engine of `voices` voices at `sample_rate` Hz playing the default synth engine
+    /// ([`DEFAULT_ENGINE`]), and the sender that feeds it.
     pub fn new(
         voices: u16,
         sample_rate: u32,
         counters: Arc<EngineCounters>,
     ) -> (Engine, EventSender) {
+        let synth = create(
+            DEFAULT_ENGINE,
+            sample_rate,
+            DEFAULT_MAX_BLOCK,
+            usize::from(voices),
+        )
+        .unwrap_or_else(|_| {
+            Box::new(subtractive::Subtractive::new(
+                sample_rate,
+                DEFAULT_MAX_BLOCK,
+                usize::from(voices),
+            ))
+        });
+        Self::with_synth(synth, voices, sample_rate, counters)
+    }
+
+    /// An engine playing the registered synth engine `name` (see [`engines`]).
+    pub fn with_engine(
+        name: &str,
+        voices: u16,
+        sample_rate: u32,
+        counters: Arc<EngineCounters>,
+    ) -> Result<(Engine, EventSender), UnknownEngine> {
+        let synth = create(name, sample_rate, DEFAULT_MAX_BLOCK, usize::from(voices))?;
+        Ok(Self::with_synth(synth, voices, sample_rate, counters))
+    }
+
+    /// An engine playing `synth`, whose pool must have `voices` voices (fewer make the extra
+    /// voice numbers drop their events).
+    pub fn with_synth(
+        synth: Box<dyn SynthEngine>,
+        voices: u16,
+        sample_rate: u32,
+        counters: Arc<EngineCounters>,
+    ) -> (Engine, EventSender) {
+        let voices = voices.min(u16::try_from(synth.voices()).unwrap_or(u16::MAX));
         let (tx, rx) = rtrb::RingBuffer::new(EVENT_QUEUE_CAPACITY);
         let engine = Engine {
             sample_rate: sample_rate.max(1),
-            voices: vec![Voice::new(sample_rate); usize::from(voices)].into_boxed_slice(),
+            synth,
+            max_block: DEFAULT_MAX_BLOCK,
+            gated: vec![false; usize::from(voices)].into_boxed_slice(),
+            lease_until: vec![0; usize::from(voices)].into_boxed_slice(),
             rx,
             pending: Vec::with_capacity(PENDING_CAPACITY),
             counters: counters.clone(),
@@ -255,9 +317,29 @@ impl Engine {
         self.frame
     }
 
-    /// The voice pool (for inspection).
-    pub fn voices(&self) -> &[Voice] {
-        &self.voices
+    /// Number of voices in the pool.
+    pub fn voices(&self) -> u16 {
+        self.gated.len() as u16
+    }
+
+    /// Whether `voice` makes sound (attack, sustain or release).
+    pub fn voice_active(&self, voice: VoiceId) -> bool {
+        self.synth.is_active(usize::from(voice))
+    }
+
+    /// Whether `voice` is held (started and neither released nor expired).
+    pub fn voice_gated(&self, voice: VoiceId) -> bool {
+        self.gated.get(usize::from(voice)).copied().unwrap_or(false)
+    }
+
+    /// The synth engine (for inspection and for state save/load off the audio thread).
+    pub fn synth(&self) -> &dyn SynthEngine {
+        &*self.synth
+    }
+
+    /// The synth engine, mutably.
+    pub fn synth_mut(&mut self) -> &mut dyn SynthEngine {
+        &mut *self.synth
     }
 
     /// The latest tempo timeline received, if any.
@@ -295,7 +377,7 @@ impl Engine {
         while let Ok(c) = self.rx.pop() {
             match c {
                 Control::Timeline(t) => self.timeline = Some(t),
-                Control::Event(e) if usize::from(e.voice) >= self.voices.len() => {
+                Control::Event(e) if usize::from(e.voice) >= self.gated.len() => {
                     self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
                 }
                 Control::Event(EngineEvent {
@@ -309,9 +391,9 @@ impl Engine {
     }
 
     fn renew(&mut self, voice: VoiceId, until: ClusterTime) {
-        let v = &mut self.voices[usize::from(voice)];
-        if v.is_gated() {
-            v.lease_until = v.lease_until.max(until.0);
+        let v = usize::from(voice);
+        if self.gated[v] {
+            self.lease_until[v] = self.lease_until[v].max(until.0);
         }
         // A renewal may overtake the note-on it is for.
         for p in self.pending.iter_mut() {
@@ -332,7 +414,9 @@ impl Engine {
                 velocity,
                 lease_until,
             } => {
-                self.voices[idx].note_on(note, velocity, lease_until.0);
+                self.synth.note_on(idx, note, velocity);
+                self.gated[idx] = true;
+                self.lease_until[idx] = lease_until.0;
                 if let Some(tx) = self.onsets.as_mut() {
                     let off_ns = (frame_in_block as u128 * 1_000_000_000 + sr / 2) / sr;
                     // A full onset queue loses the record, never the note.
@@ -346,9 +430,14 @@ impl Engine {
                     });
                 }
             }
-            EventKind::Off => self.voices[idx].note_off(),
+            EventKind::Off => {
+                if self.gated[idx] {
+                    self.gated[idx] = false;
+                    self.synth.note_off(idx);
+                }
+            }
             EventKind::Param { param, value } => {
-                if !self.voices[idx].set_param(param, value) {
+                if !self.synth.set_param(idx, param, value) {
                     self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -356,9 +445,28 @@ impl Engine {
         }
     }
 
-    fn render_voices(&mut self, out: &mut [f32]) {
-        for v in self.voices.iter_mut() {
-            v.render_add(out);
+    /// Renders `out` (the frames from `first` of the block starting at `block_start`).
+    fn render_voices(&mut self, block_start: ClusterTime, first: usize, out: &mut [f32]) {
+        let sr = u64::from(self.sample_rate);
+        let mut start = first;
+        for span in out.chunks_mut(self.max_block) {
+            let tempo = match self.timeline {
+                Some(t) => {
+                    let at = ClusterTime(block_start.0 + (start as u64 * 1_000_000_000) / sr);
+                    Tempo {
+                        beat: t.beats_at(at),
+                        beats_per_second: 1e9 / t.ns_per_beat.max(1) as f64,
+                        from_timeline: true,
+                    }
+                }
+                None => Tempo {
+                    beat: (self.frame + start as u64) as f64 * 2.0 / sr as f64,
+                    ..Tempo::default()
+                },
+            };
+            self.synth.set_tempo(tempo);
+            self.synth.render_add(span);
+            start += span.len();
         }
     }
 
@@ -369,9 +477,10 @@ impl Engine {
         self.drain_queue();
 
         // Leases: a held voice whose lease ended before this block is released now.
-        for v in self.voices.iter_mut() {
-            if v.is_gated() && v.lease_until <= block_start.0 {
-                v.note_off();
+        for v in 0..self.gated.len() {
+            if self.gated[v] && self.lease_until[v] <= block_start.0 {
+                self.gated[v] = false;
+                self.synth.note_off(v);
                 self.counters.lease_expiries.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -390,7 +499,7 @@ impl Engine {
             }
             let off = off.max(0) as usize;
             if off > cursor {
-                self.render_voices(&mut out[cursor..off]);
+                self.render_voices(block_start, cursor, &mut out[cursor..off]);
                 cursor = off;
             }
             self.apply(e, cursor, block_start);
@@ -398,14 +507,14 @@ impl Engine {
         }
         self.pending.drain(..applied);
         if cursor < n {
-            self.render_voices(&mut out[cursor..]);
+            self.render_voices(block_start, cursor, &mut out[cursor..]);
         }
         for s in out.iter_mut() {
             *s = s.clamp(-1.0, 1.0);
         }
 
         self.frame += n as u64;
-        let active = self.voices.iter().filter(|v| v.is_active()).count() as u32;
+        let active = self.synth.active_voices() as u32;
         self.counters.active_voices.store(active, Ordering::Relaxed);
         self.counters.blocks.fetch_add(1, Ordering::Relaxed);
         self.counters.frames.fetch_add(n as u64, Ordering::Relaxed);
@@ -528,7 +637,7 @@ mod tests {
         let mut out = [0.0f32; BLOCK];
         e.render(ClusterTime(T0), &mut out);
         assert_eq!(first_nonzero(&out), Some(48));
-        assert!(e.voices()[0].is_active() && !e.voices()[0].is_gated());
+        assert!(e.voice_active(0) && !e.voice_gated(0));
     }
 
     #[test]
@@ -550,7 +659,7 @@ mod tests {
             e.render(ClusterTime(t), &mut out);
             t += block_ns;
         }
-        assert!(e.voices()[2].is_gated(), "lease still valid at 16 ms");
+        assert!(e.voice_gated(2), "lease still valid at 16 ms");
         // Renewal extends it.
         tx.send(Control::Event(EngineEvent {
             voice: 2,
@@ -563,13 +672,13 @@ mod tests {
             e.render(ClusterTime(t), &mut out);
             t += block_ns;
         }
-        assert!(e.voices()[2].is_gated(), "renewed lease still valid");
+        assert!(e.voice_gated(2), "renewed lease still valid");
         assert_eq!(c.expiries(), 0);
         for _ in 0..2 {
             e.render(ClusterTime(t), &mut out);
             t += block_ns;
         }
-        assert!(!e.voices()[2].is_gated());
+        assert!(!e.voice_gated(2));
         assert_eq!(c.expiries(), 1);
         // The release then fades the voice out within 60 ms.
         for _ in 0..13 {
