@@ -256,15 +256,43 @@ pub struct Fm2 {
     sr: f32,
     voices: usize,
     groups: Box<[Group]>,
+    avx2: bool,
 }
 
 impl Fm2 {
+    /// The render loop; inlined into a baseline and an AVX2 build.
+    #[inline(always)]
+    fn render_groups(&mut self, out: &mut [f32]) {
+        let sr = self.sr;
+        let mut seg = Segment::default();
+        for g in self.groups.iter_mut() {
+            if g.car.stage.iter().all(|s| *s == IDLE) {
+                continue;
+            }
+            for chunk in out.chunks_mut(CONTROL_FRAMES) {
+                g.control(chunk.len(), sr, &mut seg);
+                g.run(&seg, chunk);
+            }
+            for l in 0..LANES {
+                g.m1[l] = flush(g.m1[l]);
+                g.m2[l] = flush(g.m2[l]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn render_avx2(&mut self, out: &mut [f32]) {
+        self.render_groups(out);
+    }
+
     /// An engine of `voices` voices at `sample_rate` Hz.
     pub fn new(sample_rate: u32, max_block: usize, voices: usize) -> Self {
         let mut e = Fm2 {
             sr: 48_000.0,
             voices,
             groups: Box::new([]),
+            avx2: super::dsp::has_avx2(),
         };
         e.init(sample_rate, max_block);
         e
@@ -344,21 +372,13 @@ impl SynthEngine for Fm2 {
     fn set_tempo(&mut self, _tempo: Tempo) {}
 
     fn render_add(&mut self, out: &mut [f32]) {
-        let sr = self.sr;
-        let mut seg = Segment::default();
-        for g in self.groups.iter_mut() {
-            if g.car.stage.iter().all(|s| *s == IDLE) {
-                continue;
-            }
-            for chunk in out.chunks_mut(CONTROL_FRAMES) {
-                g.control(chunk.len(), sr, &mut seg);
-                g.run(&seg, chunk);
-            }
-            for l in 0..LANES {
-                g.m1[l] = flush(g.m1[l]);
-                g.m2[l] = flush(g.m2[l]);
-            }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is only set when the CPU reported AVX2 (`dsp::has_avx2`).
+            unsafe { self.render_avx2(out) };
+            return;
         }
+        self.render_groups(out);
     }
 
     fn is_active(&self, voice: usize) -> bool {

@@ -202,6 +202,7 @@ pub struct Subtractive {
     sr: f32,
     voices: usize,
     groups: Box<[Group]>,
+    avx2: bool,
     tempo: Tempo,
 }
 
@@ -210,12 +211,54 @@ fn wave_weights(m: f32) -> [f32; 4] {
 }
 
 impl Subtractive {
+    /// The render loop; inlined into a baseline and an AVX2 build.
+    #[inline(always)]
+    fn render_groups(&mut self, out: &mut [f32]) {
+        let sr = self.sr;
+        let start = self.tempo;
+        let mut seg = Segment::default();
+        for g in self.groups.iter_mut() {
+            if !g.active() {
+                continue;
+            }
+            let mut done = 0usize;
+            for chunk in out.chunks_mut(CONTROL_FRAMES) {
+                let mut tempo = start;
+                tempo.beat += start.beats_per_second * done as f64 / f64::from(sr);
+                g.control(chunk.len(), sr, tempo, &mut seg);
+                g.fenv.tick(chunk.len() as f32);
+                let sq = seg.w1[1].iter().chain(seg.w2[1].iter()).any(|w| *w > 0.0);
+                let tri = seg.w1[2].iter().chain(seg.w2[2].iter()).any(|w| *w > 0.0);
+                let sin = seg.w1[3].iter().chain(seg.w2[3].iter()).any(|w| *w > 0.0);
+                match (sq, tri, sin) {
+                    (false, false, false) => run::<false, false, false>(g, &seg, chunk),
+                    (true, false, false) => run::<true, false, false>(g, &seg, chunk),
+                    (false, true, false) => run::<false, true, false>(g, &seg, chunk),
+                    (false, false, true) => run::<false, false, true>(g, &seg, chunk),
+                    _ => run::<true, true, true>(g, &seg, chunk),
+                }
+                done += chunk.len();
+            }
+            for l in 0..LANES {
+                g.ic1[l] = flush(g.ic1[l]);
+                g.ic2[l] = flush(g.ic2[l]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn render_avx2(&mut self, out: &mut [f32]) {
+        self.render_groups(out);
+    }
+
     /// An engine of `voices` voices at `sample_rate` Hz.
     pub fn new(sample_rate: u32, max_block: usize, voices: usize) -> Self {
         let mut e = Subtractive {
             sr: 48_000.0,
             voices,
             groups: Box::new([]),
+            avx2: super::dsp::has_avx2(),
             tempo: Tempo::default(),
         };
         e.init(sample_rate, max_block);
@@ -536,36 +579,13 @@ impl SynthEngine for Subtractive {
     }
 
     fn render_add(&mut self, out: &mut [f32]) {
-        let sr = self.sr;
-        let start = self.tempo;
-        let mut seg = Segment::default();
-        for g in self.groups.iter_mut() {
-            if !g.active() {
-                continue;
-            }
-            let mut done = 0usize;
-            for chunk in out.chunks_mut(CONTROL_FRAMES) {
-                let mut tempo = start;
-                tempo.beat += start.beats_per_second * done as f64 / f64::from(sr);
-                g.control(chunk.len(), sr, tempo, &mut seg);
-                g.fenv.tick(chunk.len() as f32);
-                let sq = seg.w1[1].iter().chain(seg.w2[1].iter()).any(|w| *w > 0.0);
-                let tri = seg.w1[2].iter().chain(seg.w2[2].iter()).any(|w| *w > 0.0);
-                let sin = seg.w1[3].iter().chain(seg.w2[3].iter()).any(|w| *w > 0.0);
-                match (sq, tri, sin) {
-                    (false, false, false) => run::<false, false, false>(g, &seg, chunk),
-                    (true, false, false) => run::<true, false, false>(g, &seg, chunk),
-                    (false, true, false) => run::<false, true, false>(g, &seg, chunk),
-                    (false, false, true) => run::<false, false, true>(g, &seg, chunk),
-                    _ => run::<true, true, true>(g, &seg, chunk),
-                }
-                done += chunk.len();
-            }
-            for l in 0..LANES {
-                g.ic1[l] = flush(g.ic1[l]);
-                g.ic2[l] = flush(g.ic2[l]);
-            }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is only set when the CPU reported AVX2 (`dsp::has_avx2`).
+            unsafe { self.render_avx2(out) };
+            return;
         }
+        self.render_groups(out);
     }
 
     fn is_active(&self, voice: usize) -> bool {
