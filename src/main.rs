@@ -42,6 +42,24 @@ enum Command {
     /// By default every packet stays on the loopback interface; `--lan` opts in to the real
     /// network.
     Demo(DemoArgs),
+    /// Measure this machine: how many synth voices one core renders in real time.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Voices per core of each synth engine rendered in real time at 48 kHz in 64-frame
+    /// blocks, on one thread of this machine. Ends with one line
+    /// `reference_voices_per_core=N fm_voices_per_core=M` for scripts.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchEngineArgs {
+    /// Wall time spent measuring each engine, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
+    seconds: f64,
 }
 
 /// Where traffic goes and how PTP runs; shared by every role.
@@ -144,7 +162,8 @@ struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_name = "N")]
     seconds: Option<f64>,
-    /// Audio output of both nodes: `auto`, `jack`, `wav:DIR` or `null` (see `voicemesh node`).
+    /// Audio output of both nodes: `auto`, `jack`, `alsa[:DEVICE]`, `wav:DIR` or `null` (see
+    /// `voicemesh node`).
     /// `auto` uses JACK when a server runs, else WAV files under ./voicemesh-demo-audio.
     #[arg(long, value_name = "SPEC", default_value = "auto")]
     audio: AudioSpec,
@@ -190,6 +209,11 @@ fn main() -> std::process::ExitCode {
             Command::Coordinator(a) => run_coordinator(a).await,
             Command::Node(a) => run_node(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Bench(BenchCommand::Engine(a)) => {
+                tokio::task::spawn_blocking(move || bench_engine(a))
+                    .await
+                    .context("the benchmark thread")?
+            }
         }
     });
     match result {
@@ -199,6 +223,45 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `voicemesh bench engine`: measures each engine on this thread and prints a table, then the
+/// one machine-readable line.
+fn bench_engine(a: BenchEngineArgs) -> Result<()> {
+    use voicemesh_node::engine::bench;
+    if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
+        bail!(
+            "--seconds {} must be a number of seconds above 0 and at most 600",
+            a.seconds
+        );
+    }
+    println!(
+        "voices rendered in real time by one core ({} Hz, {}-frame blocks, {} voices at once, {} s each):",
+        bench::SAMPLE_RATE,
+        bench::BLOCK,
+        bench::VOICES,
+        a.seconds
+    );
+    println!("{:<28} {:>14}", "engine", "voices/core");
+    let mut per_core = Vec::new();
+    for engine in ["subtractive", "fm2"] {
+        let v = bench::measure(engine, a.seconds)
+            .with_context(|| format!("measuring engine {engine}"))?;
+        println!("{engine:<28} {:>14.0}", v.floor());
+        per_core.push(v.floor() as u64);
+    }
+    let naive = bench::measure_naive(a.seconds);
+    println!(
+        "{:<28} {:>14.0}   (naive scalar voice, for comparison: subtractive is {:.1}x)",
+        "naive",
+        naive.floor(),
+        per_core[0] as f64 / naive.max(1.0)
+    );
+    println!(
+        "reference_voices_per_core={} fm_voices_per_core={}",
+        per_core[0], per_core[1]
+    );
+    Ok(())
 }
 
 /// Cancels `token` on Ctrl-C (SIGINT) or SIGTERM.

@@ -18,7 +18,18 @@ use voicemesh_node::error::NodeError;
 struct Jackd(Child);
 
 impl Drop for Jackd {
+    /// SIGTERM so jackd leaves JACK's shared server registry clean (SIGKILLed servers stay
+    /// registered until jackd refuses to start with "Too many servers already active").
     fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
