@@ -69,10 +69,17 @@ fn the_allocator_counts() {
 
 #[test]
 fn render_and_events_never_allocate() {
+    for name in voicemesh_node::engine::ENGINE_NAMES {
+        workload(name);
+    }
+}
+
+fn workload(name: &str) {
     const SR: u32 = 48_000;
     const BLOCK: usize = 256;
     let counters = Arc::new(EngineCounters::default());
-    let (mut engine, mut tx) = Engine::new(8, SR, counters.clone());
+    let (mut engine, mut tx) = Engine::with_engine(name, 8, SR, counters.clone()).unwrap();
+    let nparams = engine.synth().info().params.len() as u16;
     let mut onsets = engine.record_onsets();
     let mut out = vec![0.0f32; BLOCK];
     let block_ns = BLOCK as u64 * 1_000_000_000 / u64::from(SR);
@@ -96,9 +103,20 @@ fn render_and_events_never_allocate() {
                         param: PARAM_VOLUME,
                         value: 0.5,
                     },
-                    2 => EventKind::Param {
+                    2 if block % 2 == 0 => EventKind::Param {
                         param: PARAM_PITCH_SEMITONES,
                         value: 1.5,
+                    },
+                    // Every engine parameter in turn, with values far outside their ranges,
+                    // unknown parameter numbers and NaN.
+                    2 => EventKind::Param {
+                        param: ((block / 2) % u64::from(nparams + 2)) as u16,
+                        value: match block % 7 {
+                            1 => f32::NAN,
+                            3 => -1e9,
+                            5 => 1e9,
+                            _ => (block % 5) as f32 * 0.3,
+                        },
                     },
                     _ => EventKind::Off,
                 };
@@ -118,7 +136,10 @@ fn render_and_events_never_allocate() {
         }
         assert_eq!(sent, 8_000);
     });
-    assert_eq!(allocs, 0, "the render path allocated {allocs} times");
+    assert_eq!(
+        allocs, 0,
+        "{name}: the render path allocated {allocs} times"
+    );
     assert!(counters.blocks.load(std::sync::atomic::Ordering::Relaxed) == 2_000);
     assert!(counters.late() > 0, "the workload includes late events");
     assert!(
