@@ -117,7 +117,9 @@ fn jack_node_holds_64_voices_for_10_s_without_xruns() {
     std::fs::create_dir_all(&dir).unwrap();
 
     let mut cmd = ns.command(voicemesh_bin());
-    cmd.args(["coordinator", "--state-dir"])
+    // A lookahead above the node's output latency on the dummy driver (512 frames, 10.7 ms):
+    // with the default 5 ms every note reaches the node after its block was rendered (late).
+    cmd.args(["coordinator", "--lookahead-ms", "20", "--state-dir"])
         .arg(dir.join("state"));
     let coordinator = Child::spawn("coordinator", cmd);
     let line = coordinator.expect_line("dashboard: http://", Duration::from_secs(30));
@@ -139,10 +141,12 @@ fn jack_node_holds_64_voices_for_10_s_without_xruns() {
     assert!(rt.contains("runs SCHED_"), "{rt}");
     println!("{}", rt.trim());
 
-    wait_api(&ns, &api, Duration::from_secs(15), |v| {
-        node_json(v, id).is_some_and(|n| n["online"] == true && n["voices"] == 64)
+    // Online, and its clock locked to the coordinator's: before that, `at` means nothing to it.
+    wait_api(&ns, &api, Duration::from_secs(40), |v| {
+        node_json(v, id)
+            .is_some_and(|n| n["online"] == true && n["voices"] == 64 && n["clock_locked"] == true)
     })
-    .unwrap_or_else(|last| panic!("node never online with 64 voices: {last:?}"));
+    .unwrap_or_else(|last| panic!("node never online and locked with 64 voices: {last:?}"));
 
     // 64 notes on, held, then off; the coordinator renews their leases meanwhile.
     let script = format!(
@@ -238,6 +242,7 @@ print("off", flush=True)
         "max < mean: {samples:?}"
     );
     assert!(max < 1000, "a block took longer than its budget ({max}‰)");
+    assert_eq!(get(last, "late_events"), 0, "notes played late: {last}");
 
     let (audio, sr) = read_wav_mono(&wav);
     assert_eq!(sr, 48_000);

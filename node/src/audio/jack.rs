@@ -89,9 +89,25 @@ struct Notifications {
     sample_rate: u32,
 }
 
+/// Playback latency of `out` in frames: its own, or (when the server has not propagated it to
+/// our port, as jackd2 does not for a client without a latency callback) the largest of the
+/// ports it feeds, e.g. `system:playback_1`.
+fn playback_latency(client: &Client, out: &Port<jack::Unowned>) -> u32 {
+    let (_, own) = out.get_latency_range(LatencyType::Playback);
+    out.get_connections()
+        .iter()
+        .filter_map(|name| client.port_by_name(name))
+        .map(|p| p.get_latency_range(LatencyType::Playback).1)
+        .fold(own, u32::max)
+}
+
 impl Notifications {
-    fn update_latency(&self) {
-        let (_, max) = self.out.get_latency_range(LatencyType::Playback);
+    fn update_latency(&self, client: &Client) {
+        let max = playback_latency(client, &self.out);
+        tracing::debug!(
+            "JACK playback latency of {}: {max} frames",
+            self.out.name().unwrap_or_default()
+        );
         let ns = u64::from(max) * 1_000_000_000 / u64::from(self.sample_rate.max(1));
         self.latency_ns.store(ns, Ordering::Relaxed);
     }
@@ -103,8 +119,8 @@ impl jack::NotificationHandler for Notifications {
         Control::Continue
     }
 
-    fn graph_reorder(&mut self, _: &Client) -> Control {
-        self.update_latency();
+    fn graph_reorder(&mut self, c: &Client) -> Control {
+        self.update_latency(c);
         Control::Continue
     }
 
@@ -157,17 +173,6 @@ pub fn start(
             }
         }
     }
-    // Latencies are known once connected; the graph_reorder notification keeps it fresh.
-    let (_, max) = active
-        .as_client()
-        .port_by_name(&out_name)
-        .map(|p| p.get_latency_range(LatencyType::Playback))
-        .unwrap_or((0, 0));
-    latency_ns.store(
-        u64::from(max) * 1_000_000_000 / u64::from(sr.max(1)),
-        Ordering::Relaxed,
-    );
-
     let description = if connected.is_empty() {
         format!(
             "JACK client {client_name} (port {out_name}, not connected: no system:playback ports)"
@@ -175,7 +180,6 @@ pub fn start(
     } else {
         format!("JACK client {client_name} -> {}", connected.join(", "))
     };
-    tracing::info!("{description}, {sr} Hz, output latency {} frames", max);
 
     // What the server's process thread got: wait for the first callback (it comes within a
     // period once the client is active) rather than guess.
@@ -194,6 +198,17 @@ pub fn start(
             FIRST_CALLBACK_WAIT.as_secs()
         ))
     };
+    // The server recomputes port latencies after the connections above; once a cycle has run
+    // they are in place (the graph_reorder notification keeps the value fresh afterwards).
+    let max = active
+        .as_client()
+        .port_by_name(&out_name)
+        .map_or(0, |p| playback_latency(active.as_client(), &p));
+    latency_ns.store(
+        u64::from(max) * 1_000_000_000 / u64::from(sr.max(1)),
+        Ordering::Relaxed,
+    );
+    tracing::info!("{description}, {sr} Hz, output latency {max} frames");
     let realtime = crate::rt::RtReport {
         thread: "JACK process thread".into(),
         sched: thread_sched,
