@@ -272,14 +272,34 @@ fn errors_name_what_is_wrong_and_exit_non_zero() {
     assert!(!out.status.success());
     assert!(err.contains("no JACK server running"), "{err}");
 
+    // ALSA without a sound card: the device named, and the way out.
+    let cards = std::fs::read_to_string("/proc/asound/cards").unwrap_or_default();
+    if !cards
+        .lines()
+        .any(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+    {
+        let out = ns
+            .command(voicemesh_bin())
+            .args(["node", "--audio", "alsa"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("cannot open ALSA output device \"default\"")
+                && err.contains("--audio null"),
+            "{err}"
+        );
+    }
+
     // A bad flag value.
     let out = ns
         .command(voicemesh_bin())
-        .args(["node", "--audio", "alsa"])
+        .args(["node", "--audio", "pulse"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("unknown audio backend \"alsa\""), "{err}");
+    assert!(err.contains("unknown audio backend \"pulse\""), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
