@@ -2,13 +2,7 @@
 //! clear error naming it; ALSA's `null` PCM (a sink that takes everything at once, not a
 //! clock) opens and takes writes.
 
-// The module is compiled in from its source, so these tests do not depend on how the library
-// wires it in (`voicemesh_node::audio::ffi` once `pub mod ffi;` is in `audio/mod.rs`).
-#[allow(dead_code)]
-#[path = "../src/audio/ffi/mod.rs"]
-mod ffi;
-
-use ffi::alsa::{AlsaError, Pcm, PcmConfig};
+use voicemesh_node::audio::ffi::alsa::{AlsaError, Pcm, PcmConfig};
 
 /// Whether the kernel has no sound card (no `/proc/asound/cards`, or it says so).
 fn no_sound_card() -> bool {

@@ -6,22 +6,16 @@
 //! One test in this binary, its steps in sequence: libjack (JACK2) keeps one server's shared
 //! state per process, so clients of two servers at once in one process crash it.
 
-// The module is compiled in from its source, so these tests do not depend on how the library
-// wires it in (`voicemesh_node::audio::ffi` once `pub mod ffi;` is in `audio/mod.rs`).
-#[allow(dead_code)]
-#[path = "../src/audio/ffi/mod.rs"]
-mod ffi;
-
 mod common;
 
 use common::unique;
-use ffi::jack::{Client, JackError, PORT_IS_INPUT, PORT_IS_OUTPUT};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::time::{Duration, Instant};
+use voicemesh_node::audio::ffi::jack::{Client, JackError, PORT_IS_INPUT, PORT_IS_OUTPUT};
 
 /// A jackd process, killed on drop.
 struct Jackd {

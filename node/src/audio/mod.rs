@@ -15,6 +15,7 @@
 //! in the engine counters (atomics, no allocation) for the status mean and max.
 
 pub mod alsa;
+pub mod ffi;
 pub mod jack;
 pub mod offline;
 pub mod paced;
