@@ -29,6 +29,15 @@ pub enum NodeError {
         /// What libjack said.
         detail: String,
     },
+    /// `--audio jack`, but libjack cannot be loaded (jackd2 is not installed).
+    #[error(
+        "JACK is not installed ({detail}): install jackd2 (Debian: apt install jackd2), or use \
+         --audio alsa, wav:DIR or null"
+    )]
+    JackNotInstalled {
+        /// What loading libjack said.
+        detail: String,
+    },
     /// The JACK server answered but a client, port or activation failed.
     #[error("JACK: {0}")]
     Jack(String),
@@ -40,7 +49,7 @@ pub enum NodeError {
     Alsa {
         /// The ALSA PCM name asked for (`default` when none was given).
         device: String,
-        /// What ALSA (through cpal) said.
+        /// What ALSA said.
         detail: String,
     },
     /// The WAV output directory cannot be created or written.

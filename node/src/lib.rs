@@ -41,11 +41,11 @@ pub const DEFAULT_SAMPLE_RATE: u32 = 48_000;
 /// The synth engines this node runs (announced in `Hello` and the mDNS TXT record).
 pub const ENGINES: [&str; engine::ENGINE_COUNT] = engine::ENGINE_NAMES;
 
-/// Whether a JACK server answers (the default one, or `$JACK_DEFAULT_SERVER`). Never starts
-/// a server.
+/// Whether a JACK server answers (the default one, or `$JACK_DEFAULT_SERVER`): opens and
+/// closes a client through the run-time loaded libjack. Never starts a server; `false` when
+/// JACK is not installed.
 pub fn jack_server_running() -> bool {
-    let probe = format!("voicemesh-probe-{}", std::process::id());
-    jack::Client::new(&probe, jack::ClientOptions::NO_START_SERVER).is_ok()
+    audio::jack::server_running()
 }
 
 /// How a node runs.

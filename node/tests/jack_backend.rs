@@ -1,5 +1,5 @@
 //! The JACK backend against a real JACK server (jackd2 with the dummy driver, under a unique
-//! server name, killed afterwards). jackd missing is a failure with a clear message, not a skip.
+//! server name, stopped with SIGTERM afterwards). jackd missing is a failure with a clear message, not a skip.
 //!
 //! One test in this binary: it sets `JACK_DEFAULT_SERVER`, which is process-wide.
 
@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use voicemesh_node::audio::ffi::jack::Client;
 use voicemesh_node::audio::{self, AudioParams, AudioSpec};
 use voicemesh_node::clock::ClusterClock;
 use voicemesh_node::engine::{Control, EngineCounters, EngineEvent, EventKind};
@@ -52,22 +53,6 @@ fn params(id: &str, clock: Arc<ClusterClock>, counters: Arc<EngineCounters>) -> 
     }
 }
 
-struct Probe {
-    input: jack::Port<jack::AudioIn>,
-    heard: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl jack::ProcessHandler for Probe {
-    fn process(&mut self, _: &jack::Client, ps: &jack::ProcessScope) -> jack::Control {
-        if self.input.as_slice(ps).iter().any(|s| *s != 0.0)
-            && let Some(tx) = self.heard.take()
-        {
-            let _ = tx.send(());
-        }
-        jack::Control::Continue
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jack_backend_plays_through_a_real_server() {
     // Without a server: a clear error naming the way out.
@@ -103,8 +88,8 @@ async fn jack_backend_plays_through_a_real_server() {
     // Wait for the server to accept clients (it has no readiness signal to await).
     let deadline = Instant::now() + Duration::from_secs(10);
     let probe = loop {
-        match jack::Client::new("vm-probe", jack::ClientOptions::NO_START_SERVER) {
-            Ok((c, _)) => break c,
+        match Client::open("vm-probe", None) {
+            Ok(c) => break c,
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -127,29 +112,26 @@ async fn jack_backend_plays_through_a_real_server() {
         format!("JACK client voicemesh-{id} -> system:playback_1, system:playback_2")
     );
     let out_name = format!("voicemesh-{id}:out");
-    let out = probe
-        .port_by_name(&out_name)
-        .expect("the node's port exists");
-    assert!(out.is_connected_to("system:playback_1").unwrap());
-    assert!(out.is_connected_to("system:playback_2").unwrap());
+    let connections = probe.port_connections(&out_name);
+    assert!(
+        connections.iter().any(|p| p == "system:playback_1")
+            && connections.iter().any(|p| p == "system:playback_2"),
+        "{out_name} connected to {connections:?}"
+    );
 
     // Listen to the node's output through a second client.
-    let input = probe.register_port("in", jack::AudioIn::default()).unwrap();
-    let in_name = input.name().unwrap();
     let (tx, heard) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
     let probe = probe
-        .activate_async(
-            (),
-            Probe {
-                input,
-                heard: Some(tx),
-            },
-        )
+        .activate_input("in", move |_, input: &[f32]| {
+            if input.iter().any(|s| *s != 0.0)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+        })
         .unwrap();
-    probe
-        .as_client()
-        .connect_ports_by_name(&out_name, &in_name)
-        .unwrap();
+    probe.connect(&out_name, probe.port_name()).unwrap();
 
     let at = clock.now().add_nanos(30_000_000);
     a.sender.send(Control::Event(EngineEvent {
@@ -168,7 +150,10 @@ async fn jack_backend_plays_through_a_real_server() {
     // The block is rendered one output latency before it sounds, so the probe hears it at
     // most (latency + one period) before `at`; never earlier.
     let now = clock.now();
-    let (_, lat_frames) = out.get_latency_range(jack::LatencyType::Playback);
+    let lat_frames = probe
+        .port_playback_latency(&out_name)
+        .expect("the node's port exists")
+        .max;
     assert!(lat_frames > 0, "dummy driver reports a playback latency");
     let bound = (i64::from(lat_frames) + 256) * 1_000_000_000 / 48_000 + 1_000_000;
     assert!(
@@ -187,5 +172,5 @@ async fn jack_backend_plays_through_a_real_server() {
         .expect("JACK backend did not stop")
         .unwrap()
         .unwrap();
-    let _ = probe.deactivate();
+    drop(probe);
 }

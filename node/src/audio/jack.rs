@@ -1,26 +1,43 @@
 //! The JACK backend: one client `voicemesh-<id>`, one output port `out`, connected to
 //! `system:playback_1` and `_2` when they exist.
 //!
-//! JACK runs the callback on its own real-time thread. Block start cluster time (first
-//! version; the timing issue refines it) = `clock.to_cluster(CLOCK_REALTIME now)` at the start
-//! of the callback plus the playback latency of `out`, re-read whenever JACK recomputes
-//! latencies.
+//! libjack is loaded at run time through [`super::ffi::jack`], so building the node needs no
+//! JACK development files; a machine without jackd2 gets [`NodeError::JackNotInstalled`] from
+//! `--audio jack` (and `--audio auto` falls back to WAV files). A server is never started:
+//! the client joins the one named by `$JACK_DEFAULT_SERVER`, else `default`, and
+//! [`NodeError::NoJackServer`] says so when none runs.
+//!
+//! JACK runs the handler on its own real-time thread. Block start cluster time =
+//! `clock.to_cluster(CLOCK_REALTIME now)` at the start of the handler plus the playback
+//! latency of `out`, which the client's [`Monitor`](super::ffi::jack::Monitor) re-reads
+//! whenever JACK reorders the graph or recomputes latencies. When the server reports 0 for
+//! `out` itself (jackd2 may not propagate latency to a client's port), the largest playback
+//! latency of the ports `out` feeds (e.g. `system:playback_1`) is used. The handler also
+//! moves the monitor's xrun count into the engine counters and records its load; it only
+//! reads and writes atomics and renders: no allocation, no lock, no blocking.
 //!
 //! The process thread is JACK's: its scheduling is whatever the server gives its clients
-//! (`jackd -R -P N`). The first callback records it ([`crate::rt::current_sched`], no
+//! (`jackd -R -P N`). The first handler call records it ([`crate::rt::current_sched`], no
 //! allocation) so the node can say what it got; the node locks its own memory.
 
+use super::ffi::jack::{Client, JackError};
 use super::{AudioParams, RunningAudio};
-use crate::clock::{ClusterClock, local_now_ns};
-use crate::engine::{Engine, EngineCounters};
+use crate::clock::local_now_ns;
+use crate::engine::Engine;
 use crate::error::NodeError;
-use jack::{AudioOut, Client, ClientOptions, Control, LatencyType, Port, ProcessScope};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// How long `start` waits for the first callback to learn the process thread's scheduling.
 const FIRST_CALLBACK_WAIT: Duration = Duration::from_secs(2);
+
+/// How often the backend's task looks whether the server shut the client down.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(500);
+
+/// Playback ports `out` is connected to, when they exist.
+pub const PLAYBACK_PORTS: [&str; 2] = ["system:playback_1", "system:playback_2"];
 
 /// The process thread's scheduling, written once by the first callback.
 #[derive(Debug, Default)]
@@ -29,107 +46,45 @@ struct SeenSched {
     policy: AtomicI32,
     priority: AtomicI32,
 }
-use tokio_util::sync::CancellationToken;
 
-/// Playback ports `out` is connected to, when they exist.
-pub const PLAYBACK_PORTS: [&str; 2] = ["system:playback_1", "system:playback_2"];
-
-/// Opens the JACK client `voicemesh-<id>` without starting a server.
-pub fn open_client(id: &str) -> Result<Client, NodeError> {
-    let name = format!("voicemesh-{id}");
-    match Client::new(&name, ClientOptions::NO_START_SERVER) {
-        Ok((client, _status)) => Ok(client),
-        Err(jack::Error::ClientError(status))
-            if status.contains(jack::ClientStatus::SERVER_FAILED)
-                || status.contains(jack::ClientStatus::SERVER_ERROR) =>
-        {
-            Err(NodeError::NoJackServer {
-                detail: format!("{status:?}"),
-            })
-        }
-        Err(e) => Err(NodeError::NoJackServer {
+/// Maps a failed client open to the node's error: no server (or one that refused the client)
+/// is [`NodeError::NoJackServer`], a missing libjack [`NodeError::JackNotInstalled`].
+fn open_error(e: JackError) -> NodeError {
+    match e {
+        JackError::NotInstalled { library, detail } => NodeError::JackNotInstalled {
+            detail: format!("{library} cannot be loaded: {detail}"),
+        },
+        JackError::MissingSymbol { .. } => NodeError::JackNotInstalled {
             detail: e.to_string(),
-        }),
+        },
+        JackError::NoServer { server, status } => NodeError::NoJackServer {
+            detail: format!("server {server:?}, libjack: {status}"),
+        },
+        e @ JackError::OpenFailed { .. } => NodeError::NoJackServer {
+            detail: e.to_string(),
+        },
+        e => NodeError::Jack(e.to_string()),
     }
 }
 
-struct Process {
-    engine: Engine,
-    out: Port<AudioOut>,
-    clock: Arc<ClusterClock>,
-    latency_ns: Arc<AtomicU64>,
-    counters: Arc<EngineCounters>,
-    sched: Arc<SeenSched>,
+/// Opens the JACK client `voicemesh-<id>` on the default server (`$JACK_DEFAULT_SERVER`, else
+/// `default`) without starting one.
+pub fn open_client(id: &str) -> Result<Client, NodeError> {
+    Client::open(&format!("voicemesh-{id}"), None).map_err(open_error)
 }
 
-impl jack::ProcessHandler for Process {
-    fn process(&mut self, _: &Client, ps: &ProcessScope) -> Control {
-        let entered = super::monotonic_ns();
-        if !self.sched.seen.load(Ordering::Relaxed) {
-            let s = crate::rt::current_sched();
-            self.sched.policy.store(s.policy, Ordering::Relaxed);
-            self.sched.priority.store(s.priority, Ordering::Relaxed);
-            self.sched.seen.store(true, Ordering::Release);
-        }
-        let now = local_now_ns();
-        let lat = self.latency_ns.load(Ordering::Relaxed) as i64;
-        let start = self.clock.to_cluster(now).add_nanos(lat);
-        let buf = self.out.as_mut_slice(ps);
-        let frames = buf.len();
-        self.engine.render(start, buf);
-        super::record_block_load(&self.counters, entered, frames, self.engine.sample_rate());
-        Control::Continue
-    }
+/// Whether a JACK server answers on the default server: opens and closes a client. Never
+/// starts a server; `false` as well when libjack is not installed.
+pub fn server_running() -> bool {
+    Client::open(&format!("voicemesh-probe-{}", std::process::id()), None).is_ok()
 }
 
-struct Notifications {
-    counters: Arc<EngineCounters>,
-    out: Port<jack::Unowned>,
-    latency_ns: Arc<AtomicU64>,
-    sample_rate: u32,
+fn frames_to_ns(frames: u32, sample_rate: u32) -> u64 {
+    u64::from(frames) * 1_000_000_000 / u64::from(sample_rate.max(1))
 }
 
-/// Playback latency of `out` in frames: its own, or (when the server has not propagated it to
-/// our port, as jackd2 does not for a client without a latency callback) the largest of the
-/// ports it feeds, e.g. `system:playback_1`.
-fn playback_latency(client: &Client, out: &Port<jack::Unowned>) -> u32 {
-    let (_, own) = out.get_latency_range(LatencyType::Playback);
-    out.get_connections()
-        .iter()
-        .filter_map(|name| client.port_by_name(name))
-        .map(|p| p.get_latency_range(LatencyType::Playback).1)
-        .fold(own, u32::max)
-}
-
-impl Notifications {
-    fn update_latency(&self, client: &Client) {
-        let max = playback_latency(client, &self.out);
-        tracing::debug!(
-            "JACK playback latency of {}: {max} frames",
-            self.out.name().unwrap_or_default()
-        );
-        let ns = u64::from(max) * 1_000_000_000 / u64::from(self.sample_rate.max(1));
-        self.latency_ns.store(ns, Ordering::Relaxed);
-    }
-}
-
-impl jack::NotificationHandler for Notifications {
-    fn xrun(&mut self, _: &Client) -> Control {
-        self.counters.xruns.fetch_add(1, Ordering::Relaxed);
-        Control::Continue
-    }
-
-    fn graph_reorder(&mut self, c: &Client) -> Control {
-        self.update_latency(c);
-        Control::Continue
-    }
-
-    unsafe fn shutdown(&mut self, status: jack::ClientStatus, reason: &str) {
-        tracing::error!("the JACK server shut the client down ({status:?}): {reason}");
-    }
-}
-
-/// Starts the engine on `client`.
+/// Starts the engine on `client`: registers `out`, activates, connects to the system
+/// playback ports.
 pub fn start(
     client: Client,
     p: AudioParams,
@@ -137,37 +92,52 @@ pub fn start(
 ) -> Result<RunningAudio, NodeError> {
     let sr = client.sample_rate();
     let client_name = client.name().to_string();
-    let out = client
-        .register_port("out", AudioOut::default())
-        .map_err(|e| NodeError::Jack(format!("cannot register port {client_name}:out: {e}")))?;
-    let out_name = out
-        .name()
-        .map_err(|e| NodeError::Jack(format!("port name: {e}")))?;
-    let (engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
-    let latency_ns = Arc::new(AtomicU64::new(0));
-    let notifications = Notifications {
-        counters: p.counters.clone(),
-        out: out.clone_unowned(),
-        latency_ns: latency_ns.clone(),
-        sample_rate: sr,
-    };
+    let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
+    let monitor = client.monitor();
     let sched = Arc::new(SeenSched::default());
-    let process = Process {
-        engine,
-        out,
-        clock: p.clock.clone(),
-        latency_ns: latency_ns.clone(),
-        counters: p.counters.clone(),
-        sched: sched.clone(),
+
+    let handler = {
+        let monitor = monitor.clone();
+        let sched = sched.clone();
+        let clock = p.clock.clone();
+        let counters = p.counters.clone();
+        let mut xruns_seen = 0u64;
+        move |_nframes: u32, buf: &mut [f32]| {
+            let entered = super::monotonic_ns();
+            if !sched.seen.load(Ordering::Relaxed) {
+                let s = crate::rt::current_sched();
+                sched.policy.store(s.policy, Ordering::Relaxed);
+                sched.priority.store(s.priority, Ordering::Relaxed);
+                sched.seen.store(true, Ordering::Release);
+            }
+            let xruns = monitor.xruns();
+            if xruns != xruns_seen {
+                counters
+                    .xruns
+                    .fetch_add(xruns.wrapping_sub(xruns_seen) as u32, Ordering::Relaxed);
+                xruns_seen = xruns;
+            }
+            let now = local_now_ns();
+            let lat = frames_to_ns(monitor.playback_latency().max, sr);
+            let start = clock
+                .to_cluster(now)
+                .add_nanos(lat.min(i64::MAX as u64) as i64);
+            engine.render(start, buf);
+            super::record_block_load(&counters, entered, buf.len(), sr);
+        }
     };
     let active = client
-        .activate_async(notifications, process)
-        .map_err(|e| NodeError::Jack(format!("cannot activate client {client_name}: {e}")))?;
+        .activate_output("out", handler)
+        .map_err(|e| NodeError::Jack(format!("cannot start client {client_name}: {e}")))?;
+    let out_name = active.port_name().to_string();
 
+    let present = active
+        .ports("^system:playback_[12]$", super::ffi::jack::PORT_IS_INPUT)
+        .unwrap_or_default();
     let mut connected = Vec::new();
     for dest in PLAYBACK_PORTS {
-        if active.as_client().port_by_name(dest).is_some() {
-            match active.as_client().connect_ports_by_name(&out_name, dest) {
+        if present.iter().any(|p| p == dest) {
+            match active.connect(&out_name, dest) {
                 Ok(()) => connected.push(dest),
                 Err(e) => tracing::warn!("cannot connect {out_name} to {dest}: {e}"),
             }
@@ -199,15 +169,8 @@ pub fn start(
         ))
     };
     // The server recomputes port latencies after the connections above; once a cycle has run
-    // they are in place (the graph_reorder notification keeps the value fresh afterwards).
-    let max = active
-        .as_client()
-        .port_by_name(&out_name)
-        .map_or(0, |p| playback_latency(active.as_client(), &p));
-    latency_ns.store(
-        u64::from(max) * 1_000_000_000 / u64::from(sr.max(1)),
-        Ordering::Relaxed,
-    );
+    // they are in place. Read them now (the monitor keeps the value fresh afterwards).
+    let max = active.playback_latency().max;
     tracing::info!("{description}, {sr} Hz, output latency {max} frames");
     let realtime = crate::rt::RtReport {
         thread: "JACK process thread".into(),
@@ -217,11 +180,21 @@ pub fn start(
     };
 
     let task = tokio::spawn(async move {
-        shutdown.cancelled().await;
-        let r = tokio::task::spawn_blocking(move || active.deactivate()).await;
-        match r {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(NodeError::Jack(format!("deactivating the client: {e}"))),
+        let mut told = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(SHUTDOWN_POLL) => {
+                    if !told && monitor.shut_down() {
+                        tracing::error!("the JACK server shut the client {client_name} down");
+                        told = true;
+                    }
+                }
+            }
+        }
+        // Deactivates and closes the client (blocking calls into libjack).
+        match tokio::task::spawn_blocking(move || drop(active)).await {
+            Ok(()) => Ok(()),
             Err(e) => Err(NodeError::Task {
                 task: "jack",
                 detail: e.to_string(),
@@ -235,4 +208,30 @@ pub fn start(
         realtime,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_name_the_way_out() {
+        let e = open_error(JackError::NotInstalled {
+            library: "libjack.so.0".into(),
+            detail: "cannot open shared object file".into(),
+        })
+        .to_string();
+        assert!(e.starts_with("JACK is not installed (libjack.so.0"), "{e}");
+        assert!(e.contains("install jackd2") && e.contains("wav:DIR"), "{e}");
+        let e = open_error(JackError::NoServer {
+            server: "x".into(),
+            status: super::super::ffi::jack::Status(0x11),
+        });
+        assert!(matches!(e, NodeError::NoJackServer { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("no JACK server running (start jackd or use --audio wav:DIR or null)"),
+            "{e}"
+        );
+    }
 }

@@ -1,14 +1,16 @@
-//! Audio backends: JACK, ALSA through cpal, a WAV recorder and a null sink (the last two
-//! paced by the cluster clock), and an offline renderer for tests.
+//! Audio backends: JACK and ALSA (both libraries loaded at run time through [`ffi`], so
+//! building needs nothing but Rust), a WAV recorder and a null sink (the last two paced by the
+//! cluster clock), and an offline renderer for tests.
 //!
 //! Every backend owns an [`Engine`](crate::engine::Engine) on its audio thread and tells it
 //! the cluster time of each block's first frame. JACK: `clock.to_cluster(now)` at the start of
-//! the callback plus the output port's playback latency. ALSA (cpal): the same, with the
-//! latency cpal reports for the callback (playback instant − callback instant). Paced (WAV,
-//! null): frame `n` is at `first_frame_cluster_ns + n·1e9/sr` exactly, and block `k` is
-//! rendered when the cluster clock reaches its end, like a sound card that consumes it then.
-//! [`offline::render_offline`] renders a list of timestamped events into a WAV file as fast as
-//! the CPU allows, without a clock.
+//! the callback plus the output port's playback latency. ALSA: a dedicated thread renders a
+//! block and writes it with a blocking `snd_pcm_writei` (the sound card's clock paces it);
+//! the block starts at `clock.to_cluster(now)` plus the PCM's delay (frames queued ahead of
+//! the one sounding). Paced (WAV, null): frame `n` is at `first_frame_cluster_ns + n·1e9/sr`
+//! exactly, and block `k` is rendered when the cluster clock reaches its end, like a sound
+//! card that consumes it then. [`offline::render_offline`] renders a list of timestamped
+//! events into a WAV file as fast as the CPU allows, without a clock.
 //!
 //! Every backend measures its callback load the same way ([`record_block_load`]): the time
 //! from the callback's entry to the end of rendering, against the block's duration, recorded
@@ -36,11 +38,13 @@ pub const DEFAULT_WAV_DIR: &str = "./voicemesh-audio";
 /// Which audio backend a node uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AudioSpec {
-    /// JACK if a server is running, else `Wav(./voicemesh-audio)`.
+    /// JACK if a server is running, else (no server, or JACK not installed)
+    /// `Wav(./voicemesh-audio)`.
     Auto,
     /// JACK; fails if no server runs.
     Jack,
-    /// ALSA through cpal, on the named PCM device (`None`: ALSA's `default`).
+    /// ALSA (libasound loaded at run time), on the named PCM device (`None`: ALSA's
+    /// `default`).
     Alsa(Option<String>),
     /// Real-time render into `DIR/<id>.wav` with a JSON sidecar.
     Wav(PathBuf),
@@ -140,10 +144,8 @@ pub fn start(
         AudioSpec::Null => paced::start(None, p, shutdown),
         AudioSpec::Auto => match jack::open_client(&p.id) {
             Ok(client) => jack::start(client, p, shutdown),
-            Err(NodeError::NoJackServer { detail }) => {
-                tracing::info!(
-                    "no JACK server ({detail}); recording to WAV files in {DEFAULT_WAV_DIR}"
-                );
+            Err(e @ (NodeError::NoJackServer { .. } | NodeError::JackNotInstalled { .. })) => {
+                tracing::info!("{e}; recording to WAV files in {DEFAULT_WAV_DIR}");
                 paced::start(Some(PathBuf::from(DEFAULT_WAV_DIR)), p, shutdown)
             }
             Err(e) => Err(e),

@@ -9,8 +9,10 @@
 //! before the trampoline sees it.)
 //!
 //! Xruns are counted, the port's playback latency is re-read whenever JACK reorders the graph
-//! or recomputes latencies, and the server shutting down is noted, all in a [`Monitor`]
-//! (atomics: readable from any thread, the handler included). Dropping the client deactivates
+//! or recomputes latencies (when the server reports 0 for the port itself, as jackd2 can for
+//! a client's port, the largest latency of the ports it is connected to is used instead), and
+//! the server shutting down is noted, all in a [`Monitor`] (atomics: readable from any
+//! thread, the handler included). Dropping the client deactivates
 //! and closes it; the handler is freed only after `jack_client_close` returned, when JACK can
 //! no longer call it.
 //!
@@ -81,6 +83,10 @@ dl_api! {
             jack_port_get_buffer: unsafe extern "C" fn(*mut c_void, u32) -> *mut c_void,
             jack_port_connected_to: unsafe extern "C" fn(*const c_void, *const c_char) -> c_int,
             jack_port_get_latency_range: unsafe extern "C" fn(*mut c_void, c_int, *mut RawRange),
+            jack_port_get_connections: unsafe extern "C" fn(*const c_void) -> *mut *const c_char,
+            jack_port_by_name: unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void,
+            jack_port_get_all_connections:
+                unsafe extern "C" fn(*const c_void, *const c_void) -> *mut *const c_char,
             jack_set_process_callback:
                 unsafe extern "C" fn(*mut c_void, Option<ProcessCallback>, *mut c_void) -> c_int,
             jack_set_xrun_callback:
@@ -479,7 +485,43 @@ impl CallbackState {
         let mut r = RawRange::default();
         // SAFETY: `port` belongs to this open client; `r` is a valid out-pointer.
         unsafe { (self.api.jack_port_get_latency_range)(port, PLAYBACK_LATENCY, &mut r) };
+        if r.max == 0 {
+            r = self.connected_latency(port);
+        }
         self.shared.store_latency(r);
+    }
+
+    /// The playback latency range over the ports `port` is connected to (for an output port:
+    /// the ports it feeds, e.g. `system:playback_1`), for when the server has not propagated
+    /// it to `port` itself. Zero without connections. Allocates (libjack's list of names):
+    /// called from the client's own thread and JACK's notification thread, never from the
+    /// process callback.
+    fn connected_latency(&self, port: *mut c_void) -> RawRange {
+        let mut out = RawRange::default();
+        let mut first = true;
+        // SAFETY: `port` is a registered port of this open client. The result is NULL or a
+        // NULL-terminated array of port names, released with jack_free after use; each name
+        // is valid until then.
+        unsafe {
+            let list = (self.api.jack_port_get_connections)(port);
+            if list.is_null() {
+                return out;
+            }
+            let mut p = list;
+            while !(*p).is_null() {
+                let other = (self.api.jack_port_by_name)(self.client, *p);
+                if !other.is_null() {
+                    let mut r = RawRange::default();
+                    (self.api.jack_port_get_latency_range)(other, PLAYBACK_LATENCY, &mut r);
+                    out.min = if first { r.min } else { out.min.min(r.min) };
+                    out.max = out.max.max(r.max);
+                    first = false;
+                }
+                p = p.add(1);
+            }
+            (self.api.jack_free)(list.cast());
+        }
+        out
     }
 }
 
@@ -734,6 +776,52 @@ impl Client {
             (self.api.jack_free)(list.cast());
             Ok(names)
         }
+    }
+
+    /// The playback latency of any port by its full name (`None`: no such port).
+    pub fn port_playback_latency(&self, port: &str) -> Option<LatencyRange> {
+        let name = CString::new(port).ok()?;
+        // SAFETY: an open client and a valid string; `r` is a valid out-pointer.
+        unsafe {
+            let p = (self.api.jack_port_by_name)(self.client.as_ptr(), name.as_ptr());
+            if p.is_null() {
+                return None;
+            }
+            let mut r = RawRange::default();
+            (self.api.jack_port_get_latency_range)(p, PLAYBACK_LATENCY, &mut r);
+            Some(LatencyRange {
+                min: r.min,
+                max: r.max,
+            })
+        }
+    }
+
+    /// Full names of the ports the port `port` (any client's, full name) is connected to;
+    /// empty when it has none or does not exist.
+    pub fn port_connections(&self, port: &str) -> Vec<String> {
+        let Ok(name) = CString::new(port) else {
+            return Vec::new();
+        };
+        let mut names = Vec::new();
+        // SAFETY: an open client and a valid string; the result is NULL or a NULL-terminated
+        // array of strings, released with jack_free once copied.
+        unsafe {
+            let p = (self.api.jack_port_by_name)(self.client.as_ptr(), name.as_ptr());
+            if p.is_null() {
+                return names;
+            }
+            let list = (self.api.jack_port_get_all_connections)(self.client.as_ptr(), p);
+            if list.is_null() {
+                return names;
+            }
+            let mut q = list;
+            while !(*q).is_null() {
+                names.push(owned_str(*q));
+                q = q.add(1);
+            }
+            (self.api.jack_free)(list.cast());
+        }
+        names
     }
 
     /// Connects the output port `from` to the input port `to` (full names). Already
