@@ -1,244 +1,195 @@
-//! The ALSA backend, through cpal: one f32 output stream on an ALSA PCM device (`default`, or
-//! the one named by `--audio alsa:DEVICE`), the engine's mono output copied to every channel.
+//! The ALSA backend: an interleaved f32 playback PCM (`default`, or the one named by
+//! `--audio alsa:DEVICE`) opened through [`super::ffi::alsa`] (libasound loaded at run time,
+//! so building needs no ALSA development files), the engine's mono output copied to every
+//! channel.
 //!
-//! Block start cluster time = `clock.to_cluster(CLOCK_REALTIME now)` at the callback's entry
-//! plus the output latency cpal reports for that callback (its predicted playback instant
-//! minus its callback instant; 0 when the host gives no timestamps). cpal may hand out
-//! callbacks of any length; the engine renders them in pieces of at most [`MAX_PIECE`] frames
-//! into a buffer allocated before the stream starts, each piece timed from its own first
-//! frame.
+//! A dedicated audio thread (it asks for SCHED_FIFO through [`crate::rt::request_realtime`],
+//! as the paced backend does) loops: render one block, write it with
+//! [`Pcm::write_interleaved`]. The write blocks until the device has room for the block:
+//! that wait *is* the ALSA clock, by design, and the only place the thread blocks. Rendering
+//! allocates nothing (both buffers are allocated before the loop) and takes no lock.
 //!
-//! cpal owns the callback thread. The first callback asks for SCHED_FIFO for it (one syscall,
-//! no allocation) and records what it got, so the node can say so at start. A stream error
-//! (an underrun that ALSA recovered, a device that went away) counts as an xrun.
+//! Block start cluster time = `clock.to_cluster(CLOCK_REALTIME now)` just before rendering
+//! plus the PCM's delay ([`Pcm::delay`]: frames written but not yet heard) converted to ns.
+//! The block is at most one period long ([`MAX_BLOCK`] at most). Underruns recovered by the
+//! write are the backend's xruns; the load is measured per block from its start to the end of
+//! rendering (the write's wait excluded).
 //!
-//! Opening fails with [`NodeError::Alsa`], naming the device and the alternatives, when there
-//! is no such device or it cannot be opened (a machine without a sound card).
+//! A PCM that is not a clock (ALSA's `null` sink takes every write at once) would make the
+//! loop render as fast as the CPU allows; so the thread never runs more than one buffer ahead
+//! of CLOCK_MONOTONIC, re-anchored whenever a write had to wait (a real device keeps the
+//! anchor on its own clock, and this pacing never kicks in).
+//!
+//! Opening fails with [`NodeError::Alsa`], naming the device and the alternatives, when
+//! there is no such device, it cannot be opened (a machine without a sound card), it refuses
+//! the format, or libasound is missing.
 
+use super::ffi::alsa::{AlsaError, Pcm, PcmConfig};
 use super::{AudioParams, RunningAudio};
-use crate::clock::local_now_ns;
-use crate::engine::Engine;
+use crate::clock::{ClusterClock, local_now_ns};
+use crate::engine::{Engine, EngineCounters};
 use crate::error::NodeError;
-use crate::rt::{MemLock, RT_PRIORITY, RtReport, ThreadSched};
-use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// ALSA's default PCM, used by plain `--audio alsa`.
 pub const DEFAULT_DEVICE: &str = "default";
-/// Largest piece the engine renders at once within one cpal callback.
-pub const MAX_PIECE: usize = 1024;
-/// How long `start` waits for the first callback to learn the thread's scheduling.
-const FIRST_CALLBACK_WAIT: Duration = Duration::from_secs(2);
+/// Largest block the thread renders and writes at once (the PCM's period when smaller).
+pub const MAX_BLOCK: usize = 1024;
+/// Smallest block, whatever the period.
+const MIN_BLOCK: usize = 32;
+/// Buffer latency asked of ALSA (it picks buffer and period sizes from it).
+pub const LATENCY_US: u32 = 20_000;
 
-/// What the first callback learned about its thread.
-#[derive(Debug, Default)]
-struct SeenSched {
-    seen: AtomicBool,
-    policy: AtomicI32,
-    priority: AtomicI32,
-    /// The errno of a refused SCHED_FIFO request, 0 when granted.
-    refused: AtomicI32,
-}
-
-/// Finds and opens the output device without starting anything: the device and the stream
-/// configuration to use. `device` `None` is ALSA's `default`.
-fn open_device(
-    device: Option<&str>,
-    sample_rate: u32,
-) -> Result<(cpal::Device, cpal::StreamConfig), NodeError> {
-    let name = device.unwrap_or(DEFAULT_DEVICE).to_string();
-    let err = |detail: String| NodeError::Alsa {
-        device: name.clone(),
+fn alsa_error(device: &str, e: &AlsaError) -> NodeError {
+    let detail = match e {
+        AlsaError::Open { message, .. } => message.clone(),
+        e => e.to_string(),
+    };
+    NodeError::Alsa {
+        device: device.to_string(),
         detail,
-    };
-    let host = cpal::host_from_id(cpal::HostId::Alsa).map_err(|e| err(e.to_string()))?;
-    let dev = match device {
-        None => host
-            .default_output_device()
-            .ok_or_else(|| err("ALSA has no default output device".into()))?,
-        Some(n) => host
-            .device_by_id(&cpal::DeviceId::new(cpal::HostId::Alsa, n))
-            .ok_or_else(|| {
-                let known: Vec<String> = host
-                    .output_devices()
-                    .map(|ds| {
-                        ds.filter_map(|d| d.id().ok().map(|id| id.id().to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                err(if known.is_empty() {
-                    "no such device, and ALSA lists no output devices".into()
-                } else {
-                    format!("no such device; ALSA output devices: {}", known.join(", "))
-                })
-            })?,
-    };
-    let def = dev
-        .default_output_config()
-        .map_err(|e| err(format!("cannot read its output configuration: {e}")))?;
-    let config = cpal::StreamConfig {
-        channels: def.channels().max(1),
-        sample_rate,
-        buffer_size: cpal::BufferSize::Default,
-    };
-    Ok((dev, config))
+    }
 }
 
-/// Starts the engine on an ALSA output stream.
+/// Opens the playback PCM `device` (`None`: ALSA's `default`) at `sample_rate`: stereo, or
+/// mono when the device refuses two channels.
+fn open_device(device: Option<&str>, sample_rate: u32) -> Result<Pcm, NodeError> {
+    let name = device.unwrap_or(DEFAULT_DEVICE);
+    let config = |channels| PcmConfig {
+        channels,
+        rate: sample_rate,
+        soft_resample: true,
+        latency_us: LATENCY_US,
+    };
+    match Pcm::open_playback(name, &config(2)) {
+        Ok(pcm) => Ok(pcm),
+        Err(AlsaError::SetParams { .. }) => {
+            Pcm::open_playback(name, &config(1)).map_err(|e| alsa_error(name, &e))
+        }
+        Err(e) => Err(alsa_error(name, &e)),
+    }
+}
+
+/// What the audio thread needs besides the PCM and the engine.
+struct Loop {
+    clock: Arc<ClusterClock>,
+    counters: Arc<EngineCounters>,
+    shutdown: CancellationToken,
+    sample_rate: u32,
+}
+
+fn frames_to_ns(frames: u64, sample_rate: u32) -> u64 {
+    frames * 1_000_000_000 / u64::from(sample_rate.max(1))
+}
+
+impl Loop {
+    /// Renders and writes blocks until shutdown; an unrecoverable write error ends it.
+    fn run(&self, pcm: &mut Pcm, engine: &mut Engine) -> Result<(), NodeError> {
+        let sr = self.sample_rate;
+        let channels = pcm.config().channels.max(1) as usize;
+        let block = (pcm.period_frames() as usize).clamp(MIN_BLOCK, MAX_BLOCK);
+        let buffer_ns = frames_to_ns(pcm.buffer_frames().max(block as u64), sr);
+        let block_ns = frames_to_ns(block as u64, sr);
+        let mut mono = vec![0.0f32; block];
+        let mut interleaved = vec![0.0f32; block * channels];
+        let mut xruns_seen = 0u64;
+        // Pacing for a PCM that is not a clock: `anchor` is when frame 0 would have been
+        // heard, were the device consuming at `sr` from a full buffer.
+        let mut written: u64 = 0;
+        let mut anchor = super::monotonic_ns();
+        while !self.shutdown.is_cancelled() {
+            let entered = super::monotonic_ns();
+            let delay = pcm.delay().unwrap_or(0).max(0) as u64;
+            let start = self
+                .clock
+                .to_cluster(local_now_ns())
+                .add_nanos(frames_to_ns(delay, sr).min(i64::MAX as u64) as i64);
+            engine.render(start, &mut mono);
+            for (frame, s) in interleaved.chunks_exact_mut(channels).zip(&mono) {
+                frame.fill(*s);
+            }
+            super::record_block_load(&self.counters, entered, block, sr);
+
+            let before = super::monotonic_ns();
+            pcm.write_interleaved(&interleaved)
+                .map_err(|e| NodeError::AudioThread(format!("ALSA playback stopped: {e}")))?;
+            let after = super::monotonic_ns();
+            written += block as u64;
+            let xruns = pcm.xruns();
+            if xruns != xruns_seen {
+                self.counters
+                    .xruns
+                    .fetch_add(xruns.wrapping_sub(xruns_seen) as u32, Ordering::Relaxed);
+                xruns_seen = xruns;
+            }
+            let written_ns = frames_to_ns(written, sr);
+            if after.saturating_sub(before) >= block_ns / 4 {
+                // The device made us wait: it is the clock; its buffer is full now.
+                anchor = (after + buffer_ns).saturating_sub(written_ns);
+            } else {
+                let ahead = (anchor + written_ns).saturating_sub(after);
+                if ahead > buffer_ns {
+                    std::thread::sleep(Duration::from_nanos(ahead - buffer_ns));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the engine on the ALSA playback device `device` (`None`: `default`).
 pub fn start(
     device: Option<&str>,
     p: AudioParams,
     shutdown: CancellationToken,
 ) -> Result<RunningAudio, NodeError> {
     let name = device.unwrap_or(DEFAULT_DEVICE).to_string();
-    let (dev, config) = open_device(device, p.sample_rate)?;
-    let sr = config.sample_rate;
-    let channels = usize::from(config.channels);
+    let mut pcm = open_device(device, p.sample_rate)?;
+    let sr = pcm.config().rate;
+    let channels = pcm.config().channels;
+    let description = format!(
+        "ALSA device {name} ({channels} channels, {sr} Hz, f32, period {} frames, buffer {} \
+         frames)",
+        pcm.period_frames(),
+        pcm.buffer_frames()
+    );
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
-    let sched = Arc::new(SeenSched::default());
-
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), NodeError>>(1);
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let thread = {
-        let sched = sched.clone();
-        let counters = p.counters.clone();
-        let clock = p.clock.clone();
-        let name = name.clone();
-        std::thread::Builder::new()
-            .name(format!("vm-alsa-{}", p.id))
-            .spawn(move || {
-                let mut piece = vec![0.0f32; MAX_PIECE];
-                let err_counters = counters.clone();
-                let data = move |data: &mut [f32], info: &cpal::OutputCallbackInfo| {
-                    let entered = super::monotonic_ns();
-                    if !sched.seen.load(Ordering::Relaxed) {
-                        let param = libc::sched_param {
-                            sched_priority: RT_PRIORITY,
-                        };
-                        // SAFETY: the calling thread, a valid sched_param.
-                        let rc = unsafe {
-                            libc::pthread_setschedparam(
-                                libc::pthread_self(),
-                                libc::SCHED_FIFO,
-                                &param,
-                            )
-                        };
-                        let s = crate::rt::current_sched();
-                        sched.refused.store(rc, Ordering::Relaxed);
-                        sched.policy.store(s.policy, Ordering::Relaxed);
-                        sched.priority.store(s.priority, Ordering::Relaxed);
-                        sched.seen.store(true, Ordering::Release);
-                    }
-                    let ts = info.timestamp();
-                    let latency = ts
-                        .playback
-                        .checked_duration_since(ts.callback)
-                        .map_or(0, |d| d.as_nanos().min(i64::MAX as u128) as i64);
-                    let start = clock.to_cluster(local_now_ns()).add_nanos(latency);
-                    let frames = data.len() / channels;
-                    let mut done = 0usize;
-                    while done < frames {
-                        let n = (frames - done).min(piece.len());
-                        let offset_ns = (done as u64 * 1_000_000_000 / u64::from(sr)) as i64;
-                        engine.render(start.add_nanos(offset_ns), &mut piece[..n]);
-                        let out = &mut data[done * channels..(done + n) * channels];
-                        for (frame, s) in out.chunks_exact_mut(channels).zip(&piece[..n]) {
-                            frame.fill(*s);
-                        }
-                        done += n;
-                    }
-                    // A trailing partial frame (never from a sane host) is silenced.
-                    data[frames * channels..].fill(0.0);
-                    super::record_block_load(&counters, entered, frames, sr);
-                };
-                let error = move |_e: cpal::Error| {
-                    err_counters.xruns.fetch_add(1, Ordering::Relaxed);
-                };
-                let stream = match dev.build_output_stream::<f32, _, _>(config, data, error, None) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(NodeError::Alsa {
-                            device: name,
-                            detail: format!("cannot open an f32 output stream at {sr} Hz: {e}"),
-                        }));
-                        return;
-                    }
-                };
-                if let Err(e) = stream.play() {
-                    let _ = ready_tx.send(Err(NodeError::Alsa {
-                        device: name,
-                        detail: format!("cannot start the stream: {e}"),
-                    }));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                // Keep the stream until shutdown (or until `start`'s side is gone).
-                let _ = stop_rx.recv();
-                drop(stream);
-            })
-            .map_err(|e| NodeError::AudioThread(format!("cannot start the ALSA thread: {e}")))?
+    let (rt_tx, rt_rx) = std::sync::mpsc::sync_channel(1);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread_name = format!("vm-alsa-{}", p.id);
+    let lp = Loop {
+        clock: p.clock.clone(),
+        counters: p.counters.clone(),
+        shutdown,
+        sample_rate: sr,
     };
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            return Err(e);
-        }
-        Err(_) => {
-            let _ = thread.join();
-            return Err(NodeError::AudioThread(
-                "the ALSA thread ended before opening the stream".into(),
-            ));
-        }
+    let spawn = std::thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let rt = crate::rt::request_realtime(&format!("ALSA thread {thread_name}"));
+            let _ = rt_tx.send(rt);
+            let result = lp.run(&mut pcm, &mut engine);
+            drop(pcm);
+            let _ = done_tx.send(result);
+        });
+    if let Err(e) = spawn {
+        return Err(NodeError::AudioThread(format!(
+            "cannot start the ALSA thread: {e}"
+        )));
     }
-
-    let deadline = std::time::Instant::now() + FIRST_CALLBACK_WAIT;
-    while !sched.seen.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let (thread_sched, refused) = if sched.seen.load(Ordering::Acquire) {
-        let rc = sched.refused.load(Ordering::Relaxed);
-        (
-            Ok(ThreadSched {
-                policy: sched.policy.load(Ordering::Relaxed),
-                priority: sched.priority.load(Ordering::Relaxed),
-            }),
-            (rc != 0).then(|| std::io::Error::from_raw_os_error(rc).to_string()),
-        )
-    } else {
-        (
-            Err(format!(
-                "no audio callback within {} s",
-                FIRST_CALLBACK_WAIT.as_secs()
-            )),
-            None,
-        )
-    };
-    let memory = crate::rt::lock_memory();
-    let realtime = RtReport {
-        thread: "ALSA (cpal) callback thread".into(),
-        sched: thread_sched,
-        refused,
-        memory: memory.clone(),
-    };
-    if memory != MemLock::All {
-        tracing::warn!("{realtime}");
-    }
-    let description = format!("ALSA device {name} ({channels} channels, {sr} Hz, f32, via cpal)");
+    // The thread's first act is to ask for SCHED_FIFO and report; a dead thread drops the
+    // sender, so this never waits long.
+    let realtime = rt_rx.recv().map_err(|_| {
+        NodeError::AudioThread("the ALSA thread ended before it started rendering".into())
+    })?;
+    tracing::info!("{description}");
     let task = tokio::spawn(async move {
-        shutdown.cancelled().await;
-        let _ = stop_tx.send(());
-        match tokio::task::spawn_blocking(move || thread.join()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(NodeError::AudioThread("the ALSA thread panicked".into())),
-            Err(e) => Err(NodeError::Task {
-                task: "alsa",
-                detail: e.to_string(),
-            }),
-        }
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(NodeError::AudioThread("the ALSA thread panicked".into())))
     });
     Ok(RunningAudio {
         description,
@@ -252,6 +203,18 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{Control, EngineEvent, EventKind};
+
+    fn params(id: &str) -> AudioParams {
+        AudioParams {
+            id: id.into(),
+            name: id.into(),
+            voices: 4,
+            sample_rate: 48_000,
+            clock: Arc::new(crate::clock::ClusterClock::new()),
+            counters: Arc::new(crate::engine::EngineCounters::default()),
+        }
+    }
 
     /// A device name ALSA cannot know fails with an error naming it and the alternatives.
     #[test]
@@ -276,15 +239,8 @@ mod tests {
         let no_card = !cards
             .lines()
             .any(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()));
-        let p = AudioParams {
-            id: "alsa-test".into(),
-            name: "alsa-test".into(),
-            voices: 4,
-            sample_rate: 48_000,
-            clock: Arc::new(crate::clock::ClusterClock::new()),
-            counters: Arc::new(crate::engine::EngineCounters::default()),
-        };
-        match start(None, p, CancellationToken::new()) {
+        let stop = CancellationToken::new();
+        match start(None, params("alsa-test"), stop.clone()) {
             Err(e) => {
                 let e = e.to_string();
                 assert!(
@@ -306,7 +262,55 @@ mod tests {
                     "this machine has a sound card; opened {}",
                     running.description
                 );
+                stop.cancel();
+                running.task.await.unwrap().unwrap();
             }
         }
+    }
+
+    /// ALSA's `null` PCM is a real sink: the backend starts, renders a note in real time
+    /// (paced, not as fast as the CPU allows) and stops cleanly.
+    #[tokio::test]
+    async fn null_pcm_renders_in_real_time() {
+        let p = params("alsa-null");
+        let counters = p.counters.clone();
+        let clock = p.clock.clone();
+        let stop = CancellationToken::new();
+        let mut running = start(Some("null"), p, stop.clone()).expect("ALSA null PCM opens");
+        assert!(
+            running.description.starts_with("ALSA device null ("),
+            "{}",
+            running.description
+        );
+        assert_eq!(running.sample_rate, 48_000);
+        let at = clock.now().add_nanos(20_000_000);
+        running.sender.send(Control::Event(EngineEvent {
+            voice: 0,
+            at,
+            kind: EventKind::On {
+                note: 60,
+                velocity: 100,
+                lease_until: at.add_nanos(2_000_000_000),
+            },
+        }));
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let blocks = counters.blocks.load(Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        assert!(blocks > 0, "no block rendered");
+        // Blocks are at least 32 frames: in real time that is at most elapsed·sr/32 blocks
+        // plus one buffer's worth; an unpaced loop renders far more.
+        let bound = (elapsed + 0.1) * 48_000.0 / 32.0;
+        assert!(
+            (blocks as f64) < bound,
+            "{blocks} blocks in {elapsed} s: not paced"
+        );
+        assert_eq!(counters.active(), 1);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), running.task)
+            .await
+            .expect("ALSA backend did not stop")
+            .unwrap()
+            .unwrap();
     }
 }
