@@ -25,10 +25,11 @@ if [[ "${CI:-}" == "true" ]]; then
 fi
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
-# Debian packages the build and the tests need (the jack crate and cpal link against JACK and
-# ALSA; the tests start jackd, ptp4l, oscsend/oscdump, ip netns, systemd-analyze, python).
+# Debian packages the tests need (the build needs none: libjack and libasound are loaded at run
+# time; the tests start jackd, use libasound2's null PCM, ptp4l, oscsend/oscdump, ip netns,
+# systemd-analyze, python).
 apt_packages=(
-    pkg-config gcc libc6-dev libasound2-dev libjack-jackd2-dev jackd2 iproute2
+    gcc libc6-dev libasound2 jackd2 iproute2
     python3 python3-venv linuxptp liblo-tools systemd ca-certificates
 )
 

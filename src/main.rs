@@ -141,10 +141,11 @@ struct NodeArgs {
     /// Number of synth voices.
     #[arg(long, value_name = "N", default_value_t = 8)]
     voices: u16,
-    /// Audio output: `jack`, `alsa` or `alsa:DEVICE` (an ALSA PCM such as `hw:0,0`, through
-    /// cpal), `wav:DIR` (one WAV file per node recorded in real time, paced by the cluster
+    /// Audio output: `jack`, `alsa` or `alsa:DEVICE` (an ALSA PCM such as `hw:0,0`, or `null`
+    /// as a sink), `wav:DIR` (one WAV file per node recorded in real time, paced by the cluster
     /// clock, for headless machines), `null` (paced by a timer, output discarded) or `auto`
-    /// (JACK if a server runs, else WAV files under ./voicemesh-audio).
+    /// (JACK if a server runs, else WAV files under ./voicemesh-audio; also when JACK is not
+    /// installed).
     #[arg(long, value_name = "SPEC", default_value = "auto")]
     audio: AudioSpec,
     /// Sample rate for the alsa, wav and null outputs (JACK uses the server's).

@@ -3,10 +3,10 @@
 //!
 //! Never fails: what was granted and what was not becomes one line ([`RtReport`]'s `Display`)
 //! that the node prints on stdout at start, with what to change to get more. The backends
-//! differ in who owns the audio thread: the paced backends ask for SCHED_FIFO on their own
-//! render thread ([`request_realtime`]); JACK and cpal create the thread themselves, so the
-//! node reads what that thread got from inside its first callback ([`current_sched`], a single
-//! syscall, no allocation) and locks the process's memory itself ([`lock_memory`]).
+//! differ in who owns the audio thread: the paced and ALSA backends ask for SCHED_FIFO on
+//! their own thread ([`request_realtime`]); JACK creates its thread itself, so the node reads
+//! what that thread got from inside its first callback ([`current_sched`], a single syscall,
+//! no allocation) and locks the process's memory itself ([`lock_memory`]).
 
 use std::fmt;
 
