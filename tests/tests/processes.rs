@@ -169,6 +169,54 @@ print("sent")
     let _ = std::fs::remove_dir_all(&c.dir);
 }
 
+/// `--audio alsa:null`: ALSA's null PCM (libasound loaded at run time) is a real sink. The
+/// node starts on it, plays a note (the coordinator sees it sounding, at a sane load) and
+/// stops cleanly.
+#[test]
+fn a_node_on_alsa_null_starts_and_renders() {
+    let c = start_coordinator("alsanull");
+    let mut cmd = c.ns.command(voicemesh_bin());
+    cmd.args(["node", "--name", "node-a", "--audio", "alsa:null"]);
+    let mut a = Child::spawn("node-a", cmd);
+    let line = a.expect_line("control session on quic://", Duration::from_secs(30));
+    assert!(line.contains("audio: ALSA device null ("), "{line}");
+    c.wait_api(Duration::from_secs(15), |v| online(v, "node-a"));
+    let script = r#"
+import time
+from pythonosc.udp_client import SimpleUDPClient
+c = SimpleUDPClient("127.0.0.1", 9000)
+c.send_message("/voicemesh/note", [69, 100, 0])
+time.sleep(0.5)
+c.send_message("/voicemesh/note", [69, 0, 0])
+"#;
+    let mut osc = Child::spawn("python-osc", {
+        let mut cmd = c.ns.command(python());
+        cmd.args(["-c", script]);
+        cmd
+    });
+    let v = c.wait_api(Duration::from_secs(5), |v| {
+        node(v, "node-a").is_some_and(|n| {
+            n["sounding_voices"].as_u64() == Some(1) && n["load_max_permille"].as_u64() > Some(0)
+        })
+    });
+    let load = node(&v, "node-a").unwrap()["load_max_permille"]
+        .as_u64()
+        .unwrap();
+    assert!(load < 1000, "load {load} per-mille on the null PCM: {v}");
+    assert!(
+        osc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        osc.output()
+    );
+    a.signal(libc::SIGTERM);
+    let st = a
+        .wait_timeout(Duration::from_secs(10))
+        .expect("node stops on SIGTERM");
+    assert!(st.success(), "{}", a.output());
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
 #[test]
 fn python_zeroconf_sees_each_node_with_its_txt_keys() {
     let c = start_coordinator("zc");
