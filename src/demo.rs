@@ -28,6 +28,8 @@ pub const PHRASE: [[u8; 4]; 4] = [
 const CHORD_ON: Duration = Duration::from_millis(600);
 /// Silence between chords (longer than a voice's release).
 const CHORD_GAP: Duration = Duration::from_millis(250);
+/// Lookahead of the demo's coordinator when the nodes play through JACK.
+const JACK_LOOKAHEAD_MS: u64 = 30;
 /// The nodes the demo starts.
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
@@ -60,12 +62,19 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "VoiceMesh demo: a coordinator and two nodes on this machine ({}).",
         scope_text(scope)
     );
+    // A JACK node hears a block one output latency after it renders it (two 256-frame periods
+    // are 10.7 ms), so events need more lookahead than the 5 ms default or they arrive late.
+    // (`Auto` is left here only when a JACK server answered.)
+    let lookahead_ms = match audio {
+        AudioSpec::Jack | AudioSpec::Auto => JACK_LOOKAHEAD_MS,
+        _ => 5,
+    };
     let cfg = coordinator_config(
         "demo-coordinator".into(),
         state_dir,
         a.http,
         a.osc,
-        5,
+        lookahead_ms,
         None,
         scope,
     );
