@@ -252,6 +252,89 @@ sys.stdout.buffer.write(body)
     }
 }
 
+/// A veth pair joining two [`Netns`]: a point-to-point "LAN" between them, for clusters spread
+/// over several namespaces (use `--lan --interface ADDR` for every daemon on it).
+///
+/// Each end has an IPv4 address on the same /24, IPv6 off, multicast on, and carries its
+/// namespace's multicast route (224.0.0.0/4, moved off `lo`), so mDNS and PTP cross the pair.
+/// The pair is created inside the first namespace and moved into the second, so its names
+/// never exist in the root namespace; it disappears with the namespaces.
+#[derive(Debug)]
+pub struct VethLink {
+    a_ns: String,
+    a: String,
+    b_ns: String,
+    b: String,
+}
+
+static VETH_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl VethLink {
+    /// Joins `a` (address `cidr_a`, e.g. `"10.61.0.1/24"`) and `b` (`cidr_b`).
+    ///
+    /// # Panics
+    /// If an `ip` command fails.
+    pub fn connect(a: &Netns, cidr_a: &str, b: &Netns, cidr_b: &str) -> VethLink {
+        let n = VETH_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let link = VethLink {
+            a_ns: a.name().to_owned(),
+            a: format!("vma{tag}"),
+            b_ns: b.name().to_owned(),
+            b: format!("vmb{tag}"),
+        };
+        a.ip(&[
+            "link",
+            "add",
+            &link.a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &link.b,
+            "netns",
+            b.name(),
+        ]);
+        for (ns, iface, cidr) in [(a, &link.a, cidr_a), (b, &link.b, cidr_b)] {
+            let off = format!("echo 1 > /proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+            let _ = ns.command("sh").args(["-c", &off]).status();
+            ns.ip(&["addr", "add", cidr, "dev", iface]);
+            ns.ip(&["link", "set", iface, "multicast", "on"]);
+            ns.ip(&["route", "del", "224.0.0.0/4", "dev", "lo"]);
+        }
+        link.set_up(true);
+        link
+    }
+
+    /// Name of the end in the first namespace.
+    pub fn a_iface(&self) -> &str {
+        &self.a
+    }
+
+    /// Name of the end in the second namespace.
+    pub fn b_iface(&self) -> &str {
+        &self.b
+    }
+
+    /// Brings both ends up (and restores the multicast routes, which the kernel drops with a
+    /// link that goes down) or down: a partition, healed by `set_up(true)`.
+    ///
+    /// # Panics
+    /// If an `ip` command fails.
+    pub fn set_up(&self, up: bool) {
+        for (ns, iface) in [(&self.a_ns, &self.a), (&self.b_ns, &self.b)] {
+            let state = if up { "up" } else { "down" };
+            run("ip", &["-n", ns, "link", "set", iface, state]);
+            if up {
+                run(
+                    "ip",
+                    &["-n", ns, "route", "replace", "224.0.0.0/4", "dev", iface],
+                );
+            }
+        }
+    }
+}
+
 impl Default for Netns {
     fn default() -> Self {
         Netns::new()
@@ -854,6 +937,64 @@ mod tests {
                 .is_none()
         );
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn veth_link_joins_two_namespaces_and_partitions() {
+        let (a, b) = (Netns::new(), Netns::new());
+        let link = VethLink::connect(&a, "10.78.0.1/24", &b, "10.78.0.2/24");
+        // A UDP datagram from b reaches a listener in a, unless the link is down.
+        let listener = |ns: &Netns| {
+            let mut c = ns.command(python());
+            c.args([
+                "-u",
+                "-c",
+                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.78.0.1',9999))\nprint('bound')\nprint('got', s.recv(100))",
+            ]);
+            Child::spawn("udp listener", c)
+        };
+        let send = |ns: &Netns| {
+            let out = ns
+                .command(python())
+                .args([
+                    "-c",
+                    "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor _ in range(5):\n  try: s.sendto(b'x',('10.78.0.1',9999))\n  except OSError: pass\n  time.sleep(0.05)",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ns in [&a, &b] {
+            let routes = ns.ip(&["route", "show", "table", "main"]);
+            assert!(routes.contains("224.0.0.0/4 dev vm"), "{routes}");
+            assert!(!routes.contains("dev lo"), "{routes}");
+        }
+        let rx = listener(&a);
+        rx.expect_line("bound", Duration::from_secs(10));
+        send(&b);
+        rx.expect_line("got", Duration::from_secs(5));
+
+        link.set_up(false);
+        let rx = listener(&a);
+        rx.expect_line("bound", Duration::from_secs(10));
+        send(&b);
+        assert!(
+            rx.wait_for_line("got", Duration::from_millis(300))
+                .is_none(),
+            "partitioned"
+        );
+        link.set_up(true);
+        assert!(
+            b.ip(&["route", "show", "table", "main"])
+                .contains(&format!("224.0.0.0/4 dev {}", link.b_iface()))
+        );
+        send(&b);
+        rx.expect_line("got", Duration::from_secs(5));
+        assert!(a.ip(&["link", "show", link.a_iface()]).contains("UP"));
     }
 
     #[test]
