@@ -18,8 +18,90 @@ use voicemesh_protocol::{
 /// Something the glue must send: `message` to the node named `node`.
 pub type Action = (String, Message);
 
-/// Timing parameters of the allocator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a node is chosen for a new voice.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Rotate across nodes, so consecutive notes land on different nodes.
+    #[default]
+    RoundRobin,
+    /// The node with the smallest share of busy voices (its reported load counts too).
+    LeastLoaded,
+    /// The node with the lowest reported output latency.
+    LowestLatency,
+}
+
+/// Which voice is taken when every eligible voice is busy.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum StealMode {
+    /// The voice allocated longest ago.
+    #[default]
+    Oldest,
+    /// The voice with the lowest velocity, decayed by its age.
+    Quietest,
+    /// A voice already playing the same note number (else the oldest).
+    SameNote,
+}
+
+/// Which held key a mono channel sounds.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MonoPriority {
+    /// The most recently pressed key.
+    #[default]
+    Last,
+    /// The lowest held key.
+    Low,
+    /// The highest held key.
+    High,
+}
+
+/// Routing of one MIDI channel (or one key range of it, for splits) to a group of nodes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ChannelRoute {
+    /// MIDI channel 0–15.
+    pub channel: u8,
+    /// Node ids this route may use; `None` = every node.
+    pub nodes: Option<Vec<String>>,
+    /// Voices per note (1–8); they may span nodes and are detuned symmetrically.
+    pub unison: u8,
+    /// Total unison detune spread in cents (voice k of n gets `spread * (k/(n-1) - 0.5)`).
+    pub unison_detune_cents: f32,
+    /// `Some` makes the route monophonic with this note priority (legato re-pitch).
+    pub mono: Option<MonoPriority>,
+    /// Inclusive key range the route answers; several routes of one channel form a split
+    /// (the first matching route wins).
+    pub key_range: (u8, u8),
+    /// The channel is an MPE member channel: its pitch bend, channel pressure and CC74 (timbre)
+    /// are per-note and go only to the voices of the note(s) on it.
+    pub mpe: bool,
+}
+
+impl Default for ChannelRoute {
+    fn default() -> Self {
+        ChannelRoute {
+            channel: 0,
+            nodes: None,
+            unison: 1,
+            unison_detune_cents: 10.0,
+            mono: None,
+            key_range: (0, 127),
+            mpe: false,
+        }
+    }
+}
+
+/// Parameters of the allocator: timing, policy and channel routing.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct AllocatorConfig {
     /// Added to `now` to stamp `at` on every event (0 = as soon as possible).
     pub lookahead_ns: u64,
@@ -27,6 +109,17 @@ pub struct AllocatorConfig {
     pub lease_ns: u64,
     /// How often held voices are renewed; must be well below `lease_ns`.
     pub renew_every_ns: u64,
+    /// Node choice for new voices.
+    pub policy: Policy,
+    /// Voice stealing when every eligible voice is busy.
+    pub steal: StealMode,
+    /// Gap between a stolen voice's VoiceOff and the new VoiceOn on it (the release fade).
+    pub steal_fade_ns: u64,
+    /// A node reporting a callback load above this (per mille) only gets new voices when no
+    /// other eligible node has a free one.
+    pub overload_permille: u16,
+    /// Channel routes; channels without a route use every node, poly, unison 1.
+    pub routes: Vec<ChannelRoute>,
 }
 
 impl Default for AllocatorConfig {
@@ -35,6 +128,11 @@ impl Default for AllocatorConfig {
             lookahead_ns: 5_000_000,
             lease_ns: 1_000_000_000,
             renew_every_ns: 250_000_000,
+            policy: Policy::RoundRobin,
+            steal: StealMode::Oldest,
+            steal_fade_ns: 3_000_000,
+            overload_permille: 800,
+            routes: Vec::new(),
         }
     }
 }
@@ -102,9 +200,24 @@ impl VoiceAllocator {
         }
     }
 
-    /// The configuration it was built with.
-    pub fn config(&self) -> AllocatorConfig {
-        self.cfg
+    /// The configuration in force.
+    pub fn config(&self) -> &AllocatorConfig {
+        &self.cfg
+    }
+
+    /// Changes the node-choice policy; applies to the next note-on.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.cfg.policy = policy;
+    }
+
+    /// Changes the steal mode; applies to the next steal.
+    pub fn set_steal(&mut self, steal: StealMode) {
+        self.cfg.steal = steal;
+    }
+
+    /// Replaces the channel routes; sounding notes keep their voices.
+    pub fn set_routes(&mut self, routes: Vec<ChannelRoute>) {
+        self.cfg.routes = routes;
     }
 
     /// Counters since creation.

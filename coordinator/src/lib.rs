@@ -270,6 +270,7 @@ pub async fn start(
         lookahead_ns: cfg.lookahead.as_nanos() as u64,
         lease_ns: cfg.lease.as_nanos() as u64,
         renew_every_ns: (cfg.lease / 4).as_nanos().max(1) as u64,
+        ..AllocatorConfig::default()
     };
     let shared = Arc::new(Shared {
         id: cfg.id.clone(),
