@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod allocator;
+pub mod cv;
 pub mod discovery;
 mod http;
 pub mod osc;
