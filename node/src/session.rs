@@ -8,6 +8,11 @@
 //! (another major version, a bad body) is answered with an `Error` carrying the decoder's
 //! explanation, and the session closes: after a decode error the stream is out of step. A new
 //! connection replaces the current session (a restarted coordinator).
+//!
+//! Voices belong to the session that started them. `Welcome` releases every voice still held
+//! (a new session starts from nothing), and a welcomed session that ends on its own (the
+//! coordinator's `Bye`, an error, a dead connection) releases its voices at once instead of
+//! leaving them to their leases; the leases cover the case where the node notices nothing.
 
 use crate::clock::ClusterClock;
 use crate::clock::ptp::PtpStatus;
@@ -162,6 +167,9 @@ async fn run_session(
     };
     let reason = s.run(&tok, &node_shutdown).await;
     info!("session ended: {reason}");
+    if s.welcome.is_some() && !matches!(reason, End::Shutdown | End::Replaced) {
+        s.release_unless_replaced(&tok);
+    }
 }
 
 /// The next tick of the heartbeat timer, or never before `Welcome` set it up.
@@ -355,6 +363,22 @@ impl Session {
         }
     }
 
+    /// Releases this session's voices when it ended on its own (the coordinator closed it or
+    /// the connection died), rather than leaving them to their leases. Checked under the
+    /// engine queue's lock: a replaced session is cancelled before its successor starts, so
+    /// this never releases the successor's voices.
+    fn release_unless_replaced(&self, tok: &CancellationToken) {
+        match self.shared.sender.lock() {
+            Ok(mut s) => {
+                if !tok.is_cancelled() {
+                    info!("releasing this session's voices");
+                    s.send(Control::ReleaseAll);
+                }
+            }
+            Err(_) => error!("engine queue lock poisoned; voices left to their leases"),
+        }
+    }
+
     fn voice_event(&self, voice: u16, at: ClusterTime, kind: EventKind) {
         self.to_engine(Control::Event(EngineEvent { voice, at, kind }));
     }
@@ -375,6 +399,10 @@ impl Session {
                     let mut t = tokio::time::interval(Duration::from_millis(u64::from(ms)));
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     *ticker = Some(t);
+                    // A new coordinator session starts from nothing: voices of an earlier one
+                    // (a coordinator that restarted, or lost this node and re-spawned its notes
+                    // elsewhere) are stale, and nobody renews or releases them.
+                    self.to_engine(Control::ReleaseAll);
                     self.to_engine(Control::Timeline(w.timeline));
                     self.welcome = Some(w);
                     Ok(())

@@ -375,3 +375,70 @@ fn partitioned_node_is_offline_fast_goes_silent_by_its_lease_and_rejoins() {
     assert!(r.last_sound(cut_ns + SILENT_WITHIN_NS, new[0].1).is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn restarted_coordinator_finds_the_nodes_again_and_their_stale_voices_stop_when_it_does() {
+    let ns = Netns::new();
+    let dir = fresh_dir("restart");
+    let (mut coord, api) = coordinator(&ns, &dir.join("state"), &[]);
+    let mut a = node(&ns, "node-a", &dir, &[]);
+    wait_api(&ns, &api, Duration::from_secs(15), "node-a online", |v| {
+        online(v, "node-a")
+    });
+    osc_notes(&ns, &[(50, 100), (57, 100)]);
+    let (_, held) = wait_api(&ns, &api, Duration::from_secs(5), "the notes held", |v| {
+        active(v, "node-a") == 2
+    });
+    std::thread::sleep(Duration::from_millis(600).saturating_sub(held.elapsed()));
+
+    let kill_ns = cluster_now_ns();
+    coord.signal(libc::SIGKILL);
+    assert!(coord.wait_timeout(Duration::from_secs(5)).is_some());
+    // A new coordinator at once, on the same state directory (same token, same API URL).
+    let (_coord2, api2) = coordinator(&ns, &dir.join("state"), &[]);
+    assert_eq!(api2, api);
+    let (v, _) = wait_api(&ns, &api, Duration::from_secs(15), "node-a back", |v| {
+        online(v, "node-a")
+    });
+    let back_ns = cluster_now_ns();
+    assert_eq!(active(&v, "node-a"), 0, "the new coordinator holds nothing");
+    // New notes play on it.
+    osc_notes(&ns, &[(62, 100)]);
+    wait_api(&ns, &api, Duration::from_secs(5), "the new note", |v| {
+        active(v, "node-a") == 1
+    });
+    while cluster_now_ns() < kill_ns + SILENT_WITHIN_NS + 300_000_000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(&mut a);
+
+    let r = Recording::load(&dir, "node-a");
+    let old: Vec<_> = r.onsets.iter().filter(|o| o.1 < kill_ns).collect();
+    let new: Vec<_> = r.onsets.iter().filter(|o| o.1 > kill_ns).collect();
+    assert_eq!(old.len(), 2, "{:?}", r.onsets);
+    assert_eq!(
+        new.iter().map(|o| o.0).collect::<Vec<_>>(),
+        [62],
+        "{:?}",
+        r.onsets
+    );
+    assert!(r.sounds_throughout(old[0].1 + 20_000_000, kill_ns));
+    // The stale notes end when the new session starts (the release fade, 60 ms, and a
+    // 5 ms block after it was seen online), or by their lease if that comes first.
+    let bound = (back_ns + 100_000_000).min(kill_ns + SILENT_WITHIN_NS);
+    let last_old = r
+        .last_sound(old[0].1, new[0].1)
+        .expect("the held notes sounded");
+    println!(
+        "node-a back online {:.0} ms after the kill; stale notes silent {:.1} ms after the kill (lease would allow {} ms)",
+        (back_ns - kill_ns) as f64 / 1e6,
+        (last_old - kill_ns) as f64 / 1e6,
+        SILENT_WITHIN_NS / 1_000_000
+    );
+    assert!(
+        last_old <= bound,
+        "stale notes sounded until {} ms after the kill; bound {} ms",
+        (last_old - kill_ns) / 1_000_000,
+        (bound - kill_ns) / 1_000_000
+    );
+}

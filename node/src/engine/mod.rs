@@ -91,6 +91,10 @@ pub enum Control {
     Event(EngineEvent),
     /// A new tempo timeline.
     Timeline(Timeline),
+    /// Release every held voice now and drop every voice event still waiting for its time:
+    /// the coordinator session they came from is gone or replaced, so nobody will renew or
+    /// release them (a new coordinator session starts from nothing).
+    ReleaseAll,
 }
 
 /// A voice start as it was rendered, for the WAV recorder's JSON.
@@ -377,6 +381,15 @@ impl Engine {
         while let Ok(c) = self.rx.pop() {
             match c {
                 Control::Timeline(t) => self.timeline = Some(t),
+                Control::ReleaseAll => {
+                    self.pending.clear();
+                    for v in 0..self.gated.len() {
+                        if self.gated[v] {
+                            self.gated[v] = false;
+                            self.synth.note_off(v);
+                        }
+                    }
+                }
                 Control::Event(e) if usize::from(e.voice) >= self.gated.len() => {
                     self.counters.dropped_events.fetch_add(1, Ordering::Relaxed);
                 }
@@ -686,6 +699,32 @@ mod tests {
             t += block_ns;
         }
         assert_eq!(c.active(), 0);
+    }
+
+    #[test]
+    fn release_all_releases_held_voices_and_drops_waiting_events() {
+        let (mut e, mut tx, c) = engine(8);
+        let block_ns = 5_333_333u64;
+        tx.send(on(1, T0));
+        tx.send(on(3, T0));
+        let mut out = [0.0f32; BLOCK];
+        e.render(ClusterTime(T0), &mut out);
+        assert!(e.voice_gated(1) && e.voice_gated(3));
+        // A note-on still waiting for its time (100 ms ahead) is dropped with the rest.
+        tx.send(on(5, T0 + 100_000_000));
+        tx.send(Control::ReleaseAll);
+        let mut t = T0 + block_ns;
+        e.render(ClusterTime(t), &mut out);
+        assert!(!e.voice_gated(1) && !e.voice_gated(3));
+        assert!(e.voice_active(1), "released with the release fade, not cut");
+        for _ in 0..30 {
+            t += block_ns;
+            e.render(ClusterTime(t), &mut out);
+        }
+        assert!(!e.voice_gated(5), "the waiting note-on never starts");
+        assert_eq!(c.active(), 0);
+        assert!(out.iter().all(|s| *s == 0.0), "silent after the fade");
+        assert_eq!(c.expiries(), 0, "not counted as lease expiries");
     }
 
     #[test]
