@@ -442,3 +442,49 @@ fn restarted_coordinator_finds_the_nodes_again_and_their_stale_voices_stop_when_
         (bound - kill_ns) / 1_000_000
     );
 }
+
+#[test]
+fn coordinator_stopped_with_sigterm_says_bye_and_the_nodes_release_at_once() {
+    let ns = Netns::new();
+    let dir = fresh_dir("term");
+    let (mut coord, api) = coordinator(&ns, &dir.join("state"), &[]);
+    let mut a = node(&ns, "node-a", &dir, &[]);
+    wait_api(&ns, &api, Duration::from_secs(15), "node-a online", |v| {
+        online(v, "node-a")
+    });
+    osc_notes(&ns, &[(52, 100), (59, 100)]);
+    let (_, held) = wait_api(&ns, &api, Duration::from_secs(5), "the notes held", |v| {
+        active(v, "node-a") == 2
+    });
+    std::thread::sleep(Duration::from_millis(600).saturating_sub(held.elapsed()));
+
+    let term_ns = cluster_now_ns();
+    coord.signal(libc::SIGTERM);
+    let st = coord
+        .wait_timeout(Duration::from_secs(10))
+        .expect("coordinator stops on SIGTERM");
+    let gone_ns = cluster_now_ns();
+    assert!(st.success(), "{}", coord.output());
+    a.expect_line("releasing this session's voices", Duration::from_secs(5));
+    while cluster_now_ns() < term_ns + SILENT_WITHIN_NS + 200_000_000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(&mut a);
+
+    let r = Recording::load(&dir, "node-a");
+    assert_eq!(r.onsets.len(), 2, "{:?}", r.onsets);
+    let first_at = r.onsets.iter().map(|o| o.1).min().unwrap();
+    assert!(r.sounds_throughout(first_at + 20_000_000, term_ns));
+    let last = r.last_sound(first_at, r.time_of(r.samples.len())).unwrap();
+    println!(
+        "coordinator exited {:.1} ms after SIGTERM; node-a silent {:.1} ms after SIGTERM",
+        (gone_ns - term_ns) as f64 / 1e6,
+        (last - term_ns) as f64 / 1e6
+    );
+    // The Bye comes before the exit; then the release fade (60 ms) and a block.
+    assert!(
+        last <= gone_ns + 100_000_000,
+        "notes sounded {} ms after the coordinator had gone",
+        (last - gone_ns) as i64 / 1_000_000
+    );
+}
