@@ -31,8 +31,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use voicemesh_protocol::{ClusterTime, CvSet, Message, Timeline, VoiceId};
 
-/// Something the glue must send: `message` (a `CvSet`) to the node named `node`.
-pub type Action = (String, Message);
+/// Something the glue must send: a `CvSet` to a node — the allocator's action type, so the
+/// glue sends both through one path.
+pub use crate::allocator::Action;
 
 /// Largest voltage magnitude a route may ask for, in volts (Eurorack rails are ±12 V).
 pub const MAX_VOLTS: f64 = 15.0;
@@ -563,7 +564,7 @@ impl CvRouter {
     fn set(&mut self, out: &mut Vec<Action>, o: &CvOutput, microvolts: i32, at: ClusterTime) {
         self.values.insert(o.clone(), microvolts);
         out.push((
-            o.node.clone(),
+            o.node.as_str().into(),
             Message::CvSet(CvSet {
                 channel: o.channel,
                 microvolts,
@@ -836,7 +837,7 @@ impl CvRouter {
         let mut rest = Vec::new();
         for (o, &microvolts) in &self.values {
             let a = (
-                o.node.clone(),
+                o.node.as_str().into(),
                 Message::CvSet(CvSet {
                     channel: o.channel,
                     microvolts,
@@ -920,7 +921,7 @@ mod tests {
             ..Default::default()
         });
         let a = r.handle_voice_message("mcu", &on(48, 100));
-        assert!(a.iter().all(|(n, _)| n == "mcu"));
+        assert!(a.iter().all(|(n, _)| &**n == "mcu"));
         assert_eq!(
             sets(&a),
             vec![

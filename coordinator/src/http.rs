@@ -4,6 +4,11 @@
 //! `Authorization: Bearer T`; without it the answer is 401 with a JSON error. The page is
 //! served without a token because it holds no data: it reads the token from its own URL and
 //! sends it with its API calls.
+//!
+//! `/api/config/{policy,channels,cv}` read and replace parts of the persisted configuration
+//! ([`crate::config`]). A PUT is parsed and validated first (400 naming the field), then written
+//! to `config.json`, then applied to the allocator and CV router — one PUT at a time, so the
+//! file and the running coordinator never disagree.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -14,8 +19,30 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::allocator::ChannelRoute;
+use crate::config::{self, Config, FieldError, PolicyConfig};
+use crate::cv::CvConfig;
 use crate::state::Shared;
+
+/// The configuration in force and where it is saved. Holding its lock serialises changes.
+#[derive(Debug)]
+pub(crate) struct ConfigStore {
+    state_dir: std::path::PathBuf,
+    current: tokio::sync::Mutex<Config>,
+}
+
+impl ConfigStore {
+    pub(crate) fn new(state_dir: std::path::PathBuf, cfg: Config) -> Self {
+        ConfigStore {
+            state_dir,
+            current: tokio::sync::Mutex::new(cfg),
+        }
+    }
+}
 
 /// The dashboard page, embedded at build time.
 pub const INDEX_HTML: &str = include_str!("../../web/index.html");
@@ -24,12 +51,20 @@ pub const INDEX_HTML: &str = include_str!("../../web/index.html");
 struct App {
     shared: Arc<Shared>,
     token: Arc<str>,
+    store: Arc<ConfigStore>,
 }
 
-pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>) -> Router {
-    let app = App { shared, token };
+pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStore>) -> Router {
+    let app = App {
+        shared,
+        token,
+        store,
+    };
     let api = Router::new()
         .route("/api/cluster", get(cluster))
+        .route("/api/config/policy", get(get_policy).put(put_policy))
+        .route("/api/config/channels", get(get_channels).put(put_channels))
+        .route("/api/config/cv", get(get_cv).put(put_cv))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -185,4 +220,123 @@ async fn metrics(State(app): State<App>) -> Response {
         out,
     )
         .into_response()
+}
+
+fn json_ok<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_string(v) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn bad_request(e: &FieldError) -> Response {
+    let body = serde_json::json!({
+        "error": if e.field.is_empty() { e.message.clone() } else { e.to_string() },
+        "field": e.field,
+    })
+    .to_string();
+    (
+        StatusCode::BAD_REQUEST,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn get_policy(State(app): State<App>) -> Response {
+    json_ok(&app.store.current.lock().await.policy)
+}
+
+async fn get_channels(State(app): State<App>) -> Response {
+    json_ok(&app.store.current.lock().await.channels)
+}
+
+async fn get_cv(State(app): State<App>) -> Response {
+    json_ok(&app.store.current.lock().await.cv)
+}
+
+/// Parses and checks a PUT body, stores it in a copy of the configuration, saves the copy and
+/// applies it; answers with the part as now in force.
+async fn put_part<T>(
+    app: &App,
+    body: &[u8],
+    check: impl FnOnce(&T) -> Result<(), FieldError>,
+    store: impl FnOnce(&mut Config, T),
+    part: impl FnOnce(&Config) -> Response,
+) -> Response
+where
+    T: DeserializeOwned,
+{
+    let value: T = match config::parse_json(body) {
+        Ok(v) => v,
+        Err(e) => return bad_request(&e),
+    };
+    if let Err(e) = check(&value) {
+        return bad_request(&e);
+    }
+    let mut current = app.store.current.lock().await;
+    let mut next = current.clone();
+    store(&mut next, value);
+    let dir = app.store.state_dir.clone();
+    let saved = next.clone();
+    match tokio::task::spawn_blocking(move || config::save(&dir, &saved)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+    {
+        let mut g = app.shared.lock();
+        g.alloc.set_policy(next.policy.policy);
+        g.alloc.set_steal(next.policy.steal);
+        g.alloc.set_routes(next.channels.clone());
+        if let Err(e) = g.cv.set_config(next.cv.clone()) {
+            // Validated above; a failure here would be a bug, reported rather than hidden.
+            tracing::error!("CV configuration saved but not applied: {e}");
+        }
+    }
+    *current = next;
+    part(&current)
+}
+
+async fn put_policy(State(app): State<App>, body: Bytes) -> Response {
+    put_part::<PolicyConfig>(
+        &app,
+        &body,
+        |_| Ok(()),
+        |c, v| c.policy = v,
+        |c| json_ok(&c.policy),
+    )
+    .await
+}
+
+async fn put_channels(State(app): State<App>, body: Bytes) -> Response {
+    put_part::<Vec<ChannelRoute>>(
+        &app,
+        &body,
+        |v| config::validate_channels(v),
+        |c, v| c.channels = v,
+        |c| json_ok(&c.channels),
+    )
+    .await
+}
+
+async fn put_cv(State(app): State<App>, body: Bytes) -> Response {
+    put_part::<CvConfig>(
+        &app,
+        &body,
+        |v| v.validate().map_err(FieldError::from),
+        |c, v| c.cv = v,
+        |c| json_ok(&c.cv),
+    )
+    .await
 }

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod allocator;
+pub mod config;
 pub mod cv;
 pub mod discovery;
 mod http;
@@ -147,6 +148,9 @@ pub enum StartError {
     /// mDNS could not be started.
     #[error("cannot start mDNS: {0}")]
     Mdns(String),
+    /// `state_dir/config.json` is corrupt, of another schema version or unreadable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// Why the coordinator stopped abnormally.
@@ -252,6 +256,7 @@ pub async fn start(
         )));
     }
     let token: Arc<str> = token::load_or_create(cfg.token.as_deref(), &cfg.state_dir)?.into();
+    let settings = config::load(&cfg.state_dir)?;
     let http_listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .map_err(|e| bind_error(e, "HTTP", cfg.http))?;
@@ -271,11 +276,24 @@ pub async fn start(
         lookahead_ns: cfg.lookahead.as_nanos() as u64,
         lease_ns: cfg.lease.as_nanos() as u64,
         renew_every_ns: (cfg.lease / 4).as_nanos().max(1) as u64,
+        policy: settings.policy.policy,
+        steal: settings.policy.steal,
+        routes: settings.channels.clone(),
         ..AllocatorConfig::default()
     };
+    let timeline = Timeline::from_milli_bpm(DEFAULT_MILLI_BPM, clock.now());
+    let cv = cv::CvRouter::new(
+        settings.cv.clone(),
+        timeline,
+        cfg.lookahead.as_nanos() as u64,
+    )
+    .map_err(|e| config::ConfigError::Corrupt {
+        path: config::path(&cfg.state_dir),
+        detail: format!("cv.{e}"),
+    })?;
     let shared = Arc::new(Shared {
         id: cfg.id.clone(),
-        timeline: Timeline::from_milli_bpm(DEFAULT_MILLI_BPM, clock.now()),
+        timeline,
         clock,
         lookahead: cfg.lookahead,
         heartbeat: cfg.heartbeat,
@@ -283,6 +301,7 @@ pub async fn start(
         lease: cfg.lease,
         inner: Mutex::new(Inner {
             alloc: VoiceAllocator::new(alloc_cfg),
+            cv,
             nodes: Default::default(),
             counters: Default::default(),
             latency: Default::default(),
@@ -303,9 +322,11 @@ pub async fn start(
     ));
     tracker.spawn(osc_task(shared.clone(), osc_socket, shutdown.clone()));
     tracker.spawn(renew_task(shared.clone(), shutdown.clone()));
+    tracker.spawn(cv_clock_task(shared.clone(), shutdown.clone()));
 
     let error = Arc::new(Mutex::new(None));
-    let app = http::router(shared.clone(), token.clone());
+    let store = Arc::new(http::ConfigStore::new(cfg.state_dir.clone(), settings));
+    let app = http::router(shared.clone(), token.clone(), store);
     let (err_slot, stop) = (error.clone(), shutdown.clone());
     tracker.spawn(async move {
         let served = axum::serve(http_listener, app)
@@ -391,6 +412,28 @@ async fn renew_task(shared: Arc<Shared>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.renew_wakeup.notified() => {}
+            _ = sleep(wait) => {}
+        }
+    }
+}
+
+/// Sends the CV router's clock and reset pulses ahead of their time. Without clock routes it
+/// looks again every 100 ms, so a route added through the API starts within that.
+async fn cv_clock_task(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let wait = {
+            let now = shared.now();
+            let mut g = shared.lock();
+            let actions = g.cv.handle_timeout(now);
+            g.dispatch(actions, None);
+            g.cv.poll_timeout(now)
+                .map(|t| Duration::from_nanos(t.nanos_since(now).max(0) as u64))
+        };
+        let wait = wait
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
             _ = sleep(wait) => {}
         }
     }

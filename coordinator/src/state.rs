@@ -15,6 +15,7 @@ use voicemesh_node::clock::ClusterClock;
 use voicemesh_protocol::{ClusterTime, Message, Role, Status, Timeline};
 
 use crate::allocator::{Action, VoiceAllocator};
+use crate::cv::CvRouter;
 use crate::osc::DropReason;
 
 /// Samples kept for the latency summary.
@@ -55,6 +56,7 @@ pub(crate) struct Counters {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub alloc: VoiceAllocator,
+    pub cv: CvRouter,
     pub nodes: BTreeMap<String, NodeEntry>,
     pub counters: Counters,
     pub latency: VecDeque<u32>,
@@ -89,8 +91,13 @@ impl Shared {
 
 impl Inner {
     /// Queues the allocator's actions on their sessions. `osc_rx` is stamped on VoiceOns.
+    /// Voice events of CV-routed voices are followed by their `CvSet`s.
     pub fn dispatch(&mut self, actions: Vec<Action>, osc_rx: Option<Instant>) {
-        for (node, msg) in actions {
+        let cv: Vec<Action> = actions
+            .iter()
+            .flat_map(|(node, msg)| self.cv.handle_voice_message(node, msg))
+            .collect();
+        for (node, msg) in actions.into_iter().chain(cv) {
             let stamp = matches!(msg, Message::VoiceOn(_))
                 .then_some(osc_rx)
                 .flatten();
