@@ -362,7 +362,9 @@ async fn run_session(
         .and_then(|n| n.session.as_ref())
         .is_some_and(|(gen_, _)| *gen_ == generation);
     if owns {
-        g.alloc.node_lost(&node_id);
+        // Re-spawn the lost node's voices on the survivors right away.
+        let respawn = g.alloc.node_lost(shared.now(), &node_id);
+        g.dispatch(respawn, None);
         if let Some(n) = g.nodes.get_mut(&node_id) {
             n.online = false;
             n.session = None;
