@@ -31,6 +31,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use voicemesh_protocol::{ClusterTime, CvSet, Message, Timeline, VoiceId};
 
+use crate::allocator::MidiEvent;
+
 /// Something the glue must send: a `CvSet` to a node — the allocator's action type, so the
 /// glue sends both through one path.
 pub use crate::allocator::Action;
@@ -682,6 +684,26 @@ impl CvRouter {
         out
     }
 
+    /// One MIDI event from the input, as the allocator gets it: pitch bend, control changes and
+    /// channel aftertouch drive their routes; notes reach CV voices through the allocator's
+    /// messages ([`handle_voice_message`](Self::handle_voice_message)), other events are
+    /// ignored here.
+    #[must_use]
+    pub fn handle_midi(&mut self, now: ClusterTime, ev: &MidiEvent) -> Vec<Action> {
+        match *ev {
+            MidiEvent::PitchBend { channel, value } => self.handle_pitch_bend(now, channel, value),
+            MidiEvent::ControlChange {
+                channel,
+                controller,
+                value,
+            } => self.handle_cc(now, channel, controller, value),
+            MidiEvent::ChannelPressure { channel, value } => {
+                self.handle_aftertouch(now, channel, value)
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Control change `cc` = `value` (0–127, clamped) on `channel`.
     #[must_use]
     pub fn handle_cc(&mut self, now: ClusterTime, channel: u8, cc: u8, value: u8) -> Vec<Action> {
@@ -1016,6 +1038,34 @@ mod tests {
         let a = sets(&r.handle_pitch_bend(now, 0, -8192));
         assert_eq!(a[0], (5, -5_000_000, 5_001_000));
         assert_eq!(a[1], (0, 833_333, 5_001_000));
+    }
+
+    #[test]
+    fn midi_events_reach_their_routes() {
+        let mut r = router(CvConfig {
+            routes: vec![CvRoute {
+                source: CvSource::Cc { channel: 2, cc: 74 },
+                output: out("mcu", 3),
+                min_volts: 0.0,
+                max_volts: 10.0,
+            }],
+            ..Default::default()
+        });
+        let ev = MidiEvent::ControlChange {
+            channel: 2,
+            controller: 74,
+            value: 0,
+        };
+        assert_eq!(
+            sets(&r.handle_midi(ClusterTime(0), &ev)),
+            vec![(3, 0, 5_000_000)]
+        );
+        let ev = MidiEvent::NoteOn {
+            channel: 2,
+            note: 60,
+            velocity: 1,
+        };
+        assert!(r.handle_midi(ClusterTime(0), &ev).is_empty());
     }
 
     #[test]

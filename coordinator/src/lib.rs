@@ -385,6 +385,15 @@ async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationTo
                     g.alloc.note_on(now, note, velocity, channel)
                 }
                 OscCommand::Panic => g.alloc.panic(now),
+                OscCommand::Midi(ev) => {
+                    let mut a: Vec<allocator::Action> = g
+                        .alloc
+                        .handle_midi(now, ev)
+                        .map(|(n, m)| (n.to_string(), m))
+                        .collect();
+                    a.extend(g.cv.handle_midi(now, &ev));
+                    a
+                }
             };
             g.dispatch(actions, Some(rx_at));
         }

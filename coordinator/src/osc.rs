@@ -9,10 +9,18 @@
 
 use rosc::{OscMessage, OscPacket, OscType};
 
+use crate::allocator::MidiEvent;
+
 /// Address of a note message: `note velocity [channel]`.
 pub const NOTE_ADDR: &str = "/voicemesh/note";
 /// Address of the panic message: releases every voice.
 pub const PANIC_ADDR: &str = "/voicemesh/panic";
+/// Address of a control change: `controller value [channel]`.
+pub const CC_ADDR: &str = "/voicemesh/cc";
+/// Address of a pitch bend: `value [channel]`, value −8192..=8191.
+pub const BEND_ADDR: &str = "/voicemesh/bend";
+/// Address of channel aftertouch: `value [channel]`.
+pub const PRESSURE_ADDR: &str = "/voicemesh/pressure";
 /// Deepest bundle nesting accepted.
 pub const MAX_BUNDLE_DEPTH: usize = 4;
 /// Deepest OSC array nesting accepted in a type tag string.
@@ -32,6 +40,9 @@ pub enum OscCommand {
     },
     /// Release every voice.
     Panic,
+    /// A controller message (`/voicemesh/cc`, `/voicemesh/bend`, `/voicemesh/pressure`) for
+    /// the allocator and the CV router.
+    Midi(MidiEvent),
 }
 
 /// Why an OSC datagram or message was dropped. Each reason has its own counter.
@@ -126,7 +137,55 @@ fn message(m: &OscMessage) -> Result<OscCommand, DropReason> {
                 Err(DropReason::BadArgs)
             }
         }
+        CC_ADDR => {
+            if !(2..=3).contains(&m.args.len()) {
+                return Err(DropReason::BadArgs);
+            }
+            Ok(OscCommand::Midi(MidiEvent::ControlChange {
+                controller: num(&m.args[0], 127)?,
+                value: num(&m.args[1], 127)?,
+                channel: opt_channel(m.args.get(2))?,
+            }))
+        }
+        BEND_ADDR | PRESSURE_ADDR => {
+            if !(1..=2).contains(&m.args.len()) {
+                return Err(DropReason::BadArgs);
+            }
+            let channel = opt_channel(m.args.get(1))?;
+            if m.addr == BEND_ADDR {
+                Ok(OscCommand::Midi(MidiEvent::PitchBend {
+                    channel,
+                    value: bend(&m.args[0])?,
+                }))
+            } else {
+                Ok(OscCommand::Midi(MidiEvent::ChannelPressure {
+                    channel,
+                    value: num(&m.args[0], 127)?,
+                }))
+            }
+        }
         _ => Err(DropReason::UnknownAddress),
+    }
+}
+
+fn opt_channel(a: Option<&OscType>) -> Result<u8, DropReason> {
+    a.map_or(Ok(0), |a| num(a, 15))
+}
+
+/// A pitch bend −8192..=8191 from an int, long, float or double argument (floats rounded).
+fn bend(a: &OscType) -> Result<i16, DropReason> {
+    let v: f64 = match a {
+        OscType::Int(i) => f64::from(*i),
+        OscType::Long(l) => *l as f64,
+        OscType::Float(f) => f64::from(*f),
+        OscType::Double(d) => *d,
+        _ => return Err(DropReason::BadArgs),
+    };
+    let r = v.round();
+    if r.is_finite() && (-8192.0..=8191.0).contains(&r) {
+        Ok(r as i16)
+    } else {
+        Err(DropReason::OutOfRange)
     }
 }
 
@@ -234,6 +293,57 @@ mod tests {
                     channel: 2
                 }]
             );
+        }
+    }
+
+    #[test]
+    fn controller_messages() {
+        let cases = [
+            (
+                msg(
+                    CC_ADDR,
+                    vec![OscType::Int(74), OscType::Float(63.6), OscType::Int(3)],
+                ),
+                OscCommand::Midi(MidiEvent::ControlChange {
+                    channel: 3,
+                    controller: 74,
+                    value: 64,
+                }),
+            ),
+            (
+                msg(BEND_ADDR, vec![OscType::Int(-8192)]),
+                OscCommand::Midi(MidiEvent::PitchBend {
+                    channel: 0,
+                    value: -8192,
+                }),
+            ),
+            (
+                msg(PRESSURE_ADDR, vec![OscType::Int(100), OscType::Int(15)]),
+                OscCommand::Midi(MidiEvent::ChannelPressure {
+                    channel: 15,
+                    value: 100,
+                }),
+            ),
+        ];
+        for (p, want) in cases {
+            assert_eq!(parse_datagram(&enc(&p)), (vec![want], vec![]));
+        }
+        for (p, why) in [
+            (
+                msg(BEND_ADDR, vec![OscType::Int(8192)]),
+                DropReason::OutOfRange,
+            ),
+            (
+                msg(BEND_ADDR, vec![OscType::Double(f64::NAN)]),
+                DropReason::OutOfRange,
+            ),
+            (msg(CC_ADDR, vec![OscType::Int(1)]), DropReason::BadArgs),
+            (
+                msg(PRESSURE_ADDR, vec![OscType::Int(1), OscType::Int(16)]),
+                DropReason::OutOfRange,
+            ),
+        ] {
+            assert_eq!(parse_datagram(&enc(&p)), (vec![], vec![why]));
         }
     }
 
