@@ -120,8 +120,9 @@ struct Recording {
     samples: Vec<f32>,
     sample_rate: u32,
     first_frame_cluster_ns: u64,
-    /// `(note, at_ns)` of every voice start.
-    onsets: Vec<(u8, u64)>,
+    /// `(note, at_ns, frame_cluster_ns)` of every voice start: when it was scheduled, and the
+    /// cluster time of the frame it started on.
+    onsets: Vec<(u8, u64, u64)>,
 }
 
 impl Recording {
@@ -140,6 +141,7 @@ impl Recording {
                 (
                     o["note"].as_u64().unwrap() as u8,
                     o["at_ns"].as_u64().unwrap(),
+                    o["frame_cluster_ns"].as_u64().unwrap(),
                 )
             })
             .collect();
@@ -487,4 +489,103 @@ fn coordinator_stopped_with_sigterm_says_bye_and_the_nodes_release_at_once() {
         "notes sounded {} ms after the coordinator had gone",
         (last - gone_ns) as i64 / 1_000_000
     );
+}
+
+#[test]
+fn node_killed_under_a_held_chord_is_detected_within_300ms_and_its_notes_resound_within_50ms() {
+    const CHORD: [u8; 6] = [48, 52, 55, 59, 62, 65];
+    const IDS: [&str; 3] = ["node-a", "node-b", "node-c"];
+    let ns = Netns::new();
+    let dir = fresh_dir("kill");
+    let (_coord, api) = coordinator(&ns, &dir.join("state"), &[]);
+    let mut nodes: Vec<Child> = IDS.iter().map(|id| node(&ns, id, &dir, &[])).collect();
+    wait_api(
+        &ns,
+        &api,
+        Duration::from_secs(20),
+        "three nodes online",
+        |v| IDS.iter().all(|id| online(v, id)),
+    );
+    osc_notes(&ns, &CHORD.map(|n| (n, 100)));
+    let (v, held) = wait_api(
+        &ns,
+        &api,
+        Duration::from_secs(5),
+        "the chord on all three",
+        |v| {
+            IDS.iter().map(|id| active(v, id)).sum::<u64>() == 6
+                && IDS.iter().all(|id| active(v, id) > 0)
+        },
+    );
+    println!(
+        "chord spread: {:?}",
+        IDS.iter().map(|id| active(&v, id)).collect::<Vec<_>>()
+    );
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(held.elapsed()));
+
+    // Kill node-c outright; watch the coordinator notice.
+    let victim = "node-c";
+    let kill_ns = cluster_now_ns();
+    nodes[2].signal(libc::SIGKILL);
+    let (_, seen) = wait_api(&ns, &api, Duration::from_secs(3), "node-c offline", |v| {
+        !online(v, victim)
+    });
+    let detected_ns = {
+        let since_seen = seen.elapsed().as_nanos() as u64;
+        cluster_now_ns() - since_seen
+    };
+    let took_ms = (detected_ns - kill_ns) as f64 / 1e6;
+    println!("{victim} offline in /api/cluster {took_ms:.0} ms after kill -9");
+    assert!(
+        detected_ns - kill_ns <= 300_000_000,
+        "detected only {took_ms:.0} ms after the kill"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for n in nodes.iter_mut().take(2) {
+        stop(n);
+    }
+
+    let recs: Vec<Recording> = IDS[..2]
+        .iter()
+        .map(|id| Recording::load(&dir, id))
+        .collect();
+    let before: Vec<u8> = recs
+        .iter()
+        .flat_map(|r| r.onsets.iter().filter(|o| o.1 < kill_ns).map(|o| o.0))
+        .collect();
+    let lost: Vec<u8> = CHORD
+        .iter()
+        .copied()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert!(
+        !lost.is_empty(),
+        "node-c held none of the chord: {before:?}"
+    );
+    for note in &lost {
+        // The re-spawned note: a new onset on a survivor, scheduled after the kill; `at` is
+        // the cluster time of the frame it started sounding on.
+        let (r, at) = recs
+            .iter()
+            .find_map(|r| {
+                r.onsets
+                    .iter()
+                    .find(|o| o.0 == *note && o.1 > kill_ns)
+                    .map(|o| (r, o.2))
+            })
+            .unwrap_or_else(|| panic!("note {note} of {victim} never sounded again"));
+        let after = at as i64 - detected_ns as i64;
+        println!(
+            "note {note}: sounds again {:.1} ms after the loss was seen ({:.1} ms after the kill)",
+            after as f64 / 1e6,
+            (at - kill_ns) as f64 / 1e6
+        );
+        assert!(
+            after <= 50_000_000,
+            "note {note} re-sounded {} ms after detection",
+            after / 1_000_000
+        );
+        assert!(r.sounds_throughout(at + 10_000_000, at + 300_000_000));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
