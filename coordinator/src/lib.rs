@@ -433,7 +433,14 @@ async fn cv_clock_task(shared: Arc<Shared>, cancel: CancellationToken) {
         let wait = {
             let now = shared.now();
             let mut g = shared.lock();
-            let actions = g.cv.handle_timeout(now);
+            let mut actions = g.cv.handle_timeout(now);
+            // Clock pulses for an MCU that is not connected are skipped, not queued and counted
+            // as dropped with a warning each (that would be up to ~200 a second).
+            actions.retain(|(node, _)| {
+                g.nodes
+                    .get(node.as_str())
+                    .is_some_and(|n| n.session.is_some())
+            });
             g.dispatch(actions, None);
             g.cv.poll_timeout(now)
                 .map(|t| Duration::from_nanos(t.nanos_since(now).max(0) as u64))
