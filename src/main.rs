@@ -53,6 +53,16 @@ enum BenchCommand {
     /// blocks, on one thread of this machine. Ends with one line
     /// `reference_voices_per_core=N fm_voices_per_core=M` for scripts.
     Engine(BenchEngineArgs),
+    /// The voice allocator core on 64 nodes × 16 voices: note-on + note-off pairs per second
+    /// and the p99 time of one operation. Ends with one line `pairs_per_s=N p99_op_us=M`.
+    Alloc(BenchAllocArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchAllocArgs {
+    /// Wall time spent measuring, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
+    seconds: f64,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +225,11 @@ fn main() -> std::process::ExitCode {
                     .await
                     .context("the benchmark thread")?
             }
+            Command::Bench(BenchCommand::Alloc(a)) => {
+                tokio::task::spawn_blocking(move || bench_alloc(a))
+                    .await
+                    .context("the benchmark thread")?
+            }
         }
     });
     match result {
@@ -262,6 +277,27 @@ fn bench_engine(a: BenchEngineArgs) -> Result<()> {
         "reference_voices_per_core={} fm_voices_per_core={}",
         per_core[0], per_core[1]
     );
+    Ok(())
+}
+
+/// `voicemesh bench alloc`: measures the allocator core on this thread and ends with the one
+/// machine-readable line.
+fn bench_alloc(a: BenchAllocArgs) -> Result<()> {
+    use voicemesh_coordinator::allocator::bench;
+    if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 600.0) {
+        bail!(
+            "--seconds {} must be a number of seconds above 0 and at most 600",
+            a.seconds
+        );
+    }
+    println!(
+        "voice allocator core, {} nodes x {} voices, note-on + note-off pairs for {} s:",
+        bench::NODES,
+        bench::VOICES,
+        a.seconds
+    );
+    let (pairs, p99) = bench::measure(a.seconds);
+    println!("pairs_per_s={:.0} p99_op_us={p99:.3}", pairs.floor());
     Ok(())
 }
 

@@ -677,8 +677,11 @@ impl VoiceAllocator {
     /// Every held voice, for inspection and tests.
     pub fn held_voices(&self) -> impl Iterator<Item = HeldVoice<'_>> {
         self.nodes.iter().filter(|n| n.alive).flat_map(move |n| {
-            n.slots.iter().enumerate().filter_map(move |(vi, s)| {
-                (s.inst != FREE).then(|| {
+            n.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.inst != FREE)
+                .map(move |(vi, s)| {
                     let i = &self.insts[s.inst as usize];
                     HeldVoice {
                         node: &n.id,
@@ -689,7 +692,6 @@ impl VoiceAllocator {
                         started: s.started,
                     }
                 })
-            })
         })
     }
 

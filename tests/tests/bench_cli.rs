@@ -76,3 +76,33 @@ fn the_line_parser_is_strict() {
         assert_eq!(parse_last_line(bad), None, "{bad:?}");
     }
 }
+
+#[test]
+fn bench_alloc_ends_with_the_machine_readable_line() {
+    let out = Command::new(voicemesh_bin())
+        .args(["bench", "alloc", "--seconds", "0.2"])
+        .output()
+        .expect("run voicemesh bench alloc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or("");
+    let (pairs, p99) = last
+        .split_once(' ')
+        .and_then(|(a, b)| {
+            Some((
+                a.strip_prefix("pairs_per_s=")?.parse::<u64>().ok()?,
+                b.strip_prefix("p99_op_us=")?.parse::<f64>().ok()?,
+            ))
+        })
+        .unwrap_or_else(|| panic!("last line {last:?} is not the machine-readable line"));
+    assert!(pairs > 0 && p99 >= 0.0, "{last}");
+    let bad = Command::new(voicemesh_bin())
+        .args(["bench", "alloc", "--seconds=0"])
+        .output()
+        .expect("run voicemesh bench alloc");
+    assert!(!bad.status.success());
+}
