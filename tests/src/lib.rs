@@ -355,9 +355,19 @@ impl Drop for Netns {
                 }
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
+        // `ip netns delete` can fail transiently while another `ip netns` (of a test running in
+        // parallel, here or in another process) remounts /run/netns: retry a few times.
+        for _ in 0..10 {
+            let ok = Command::new("ip")
+                .args(["netns", "delete", &self.name])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok || !Path::new("/run/netns").join(&self.name).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
