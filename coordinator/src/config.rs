@@ -142,6 +142,39 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
     Ok(v)
 }
 
+/// Parses a list of channel routes, refusing fields a route does not have (the allocator's
+/// route type fills missing fields with defaults, so a misspelt field would otherwise be
+/// ignored without a word).
+pub fn parse_channels(bytes: &[u8]) -> Result<Vec<ChannelRoute>, FieldError> {
+    let routes: Vec<ChannelRoute> = parse_json(bytes)?;
+    let value: serde_json::Value = parse_json(bytes)?;
+    unknown_channel_fields(&value)?;
+    Ok(routes)
+}
+
+/// Finds a field that no [`ChannelRoute`] has, in a JSON list of routes.
+fn unknown_channel_fields(list: &serde_json::Value) -> Result<(), FieldError> {
+    let known = match serde_json::to_value(ChannelRoute::default()) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Ok(()),
+    };
+    let Some(items) = list.as_array() else {
+        return Ok(());
+    };
+    for (i, item) in items.iter().enumerate() {
+        if let Some(obj) = item.as_object()
+            && let Some(k) = obj.keys().find(|k| !known.contains_key(k.as_str()))
+        {
+            let fields: Vec<&str> = known.keys().map(String::as_str).collect();
+            return Err(FieldError {
+                field: format!("[{i}].{k}"),
+                message: format!("unknown field `{k}`, expected one of {}", fields.join(", ")),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks channel routes: channel 0–15, unison 1–8, detune finite 0–1200 cents, a key range
 /// `low <= high <= 127`, node ids 1–32 bytes.
 pub fn validate_channels(routes: &[ChannelRoute]) -> Result<(), FieldError> {
@@ -231,6 +264,9 @@ pub fn load(state_dir: &Path) -> Result<Config, ConfigError> {
         Some(Some(_)) => {}
     }
     let cfg: Config = parse_json(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if let Some(channels) = value.get("channels") {
+        unknown_channel_fields(channels).map_err(|e| corrupt(format!("channels{e}")))?;
+    }
     cfg.validate().map_err(|e| corrupt(e.to_string()))?;
     Ok(cfg)
 }
@@ -308,6 +344,10 @@ mod tests {
                 "channels[0].channel",
             ),
             (b"{\"version\":2}", "schema version 2"),
+            (
+                b"{\"version\":1,\"channels\":[{\"chanel\":3}]}",
+                "channels[0].chanel",
+            ),
         ] {
             std::fs::write(&p, content).unwrap();
             let e = load(&d).expect_err("refused").to_string();

@@ -62,6 +62,7 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
     };
     let api = Router::new()
         .route("/api/cluster", get(cluster))
+        .route("/api/config", get(get_config))
         .route("/api/config/policy", get(get_policy).put(put_policy))
         .route("/api/config/channels", get(get_channels).put(put_channels))
         .route("/api/config/cv", get(get_cv).put(put_cv))
@@ -253,6 +254,10 @@ fn bad_request(e: &FieldError) -> Response {
         .into_response()
 }
 
+async fn get_config(State(app): State<App>) -> Response {
+    json_ok(&*app.store.current.lock().await)
+}
+
 async fn get_policy(State(app): State<App>) -> Response {
     json_ok(&app.store.current.lock().await.policy)
 }
@@ -270,6 +275,7 @@ async fn get_cv(State(app): State<App>) -> Response {
 async fn put_part<T>(
     app: &App,
     body: &[u8],
+    parse: impl FnOnce(&[u8]) -> Result<T, FieldError>,
     check: impl FnOnce(&T) -> Result<(), FieldError>,
     store: impl FnOnce(&mut Config, T),
     part: impl FnOnce(&Config) -> Response,
@@ -277,7 +283,7 @@ async fn put_part<T>(
 where
     T: DeserializeOwned,
 {
-    let value: T = match config::parse_json(body) {
+    let value: T = match parse(body) {
         Ok(v) => v,
         Err(e) => return bad_request(&e),
     };
@@ -312,6 +318,7 @@ async fn put_policy(State(app): State<App>, body: Bytes) -> Response {
     put_part::<PolicyConfig>(
         &app,
         &body,
+        config::parse_json,
         |_| Ok(()),
         |c, v| c.policy = v,
         |c| json_ok(&c.policy),
@@ -323,6 +330,7 @@ async fn put_channels(State(app): State<App>, body: Bytes) -> Response {
     put_part::<Vec<ChannelRoute>>(
         &app,
         &body,
+        config::parse_channels,
         |v| config::validate_channels(v),
         |c, v| c.channels = v,
         |c| json_ok(&c.channels),
@@ -334,6 +342,7 @@ async fn put_cv(State(app): State<App>, body: Bytes) -> Response {
     put_part::<CvConfig>(
         &app,
         &body,
+        config::parse_json,
         |v| v.validate().map_err(FieldError::from),
         |c, v| c.cv = v,
         |c| json_ok(&c.cv),

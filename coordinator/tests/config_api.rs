@@ -139,6 +139,10 @@ async fn put_get_round_trip_persists_across_restart() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
+    let (st, whole) = request(addr, "GET", "/api/config", t, "").await;
+    assert_eq!(st, 200);
+    assert_eq!(whole, on_disk);
+
     stop.cancel();
     c.wait().await.unwrap();
 
@@ -170,6 +174,8 @@ async fn bad_input_is_400_naming_the_field_and_changes_nothing() {
         ("/api/config/policy", r#"{"policy":"fastest"}"#, "policy"),
         ("/api/config/policy", r#"{"polcy":"round_robin"}"#, "polcy"),
         ("/api/config/channels", r#"[{"channel":16}]"#, "[0].channel"),
+        ("/api/config/channels", r#"[{"chanel":1}]"#, "[0].chanel"),
+        ("/api/config/channels", r#"{"channel":1}"#, ""),
         (
             "/api/config/channels",
             r#"[{"channel":0,"key_range":[70,60]}]"#,
@@ -255,4 +261,43 @@ async fn corrupt_or_foreign_config_stops_the_start_naming_the_path() {
         assert!(e.contains(want), "{e}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), content, "kept");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_partial_file() {
+    let dir = TempDir::new();
+    let (c, stop) = coordinator(&dir).await.expect("starts");
+    let (addr, token) = (c.http_addr(), c.token().to_owned());
+    let file = dir.0.join("config.json");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (file, done) = (file.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut complete = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                match std::fs::read(&file) {
+                    Ok(b) => {
+                        let v: serde_json::Value = serde_json::from_slice(&b)
+                            .unwrap_or_else(|e| panic!("partial config.json ({e}): {b:?}"));
+                        assert_eq!(v["version"], 1);
+                        complete += 1;
+                    }
+                    Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+                }
+            }
+            complete
+        })
+    };
+    for i in 0..40 {
+        let body = if i % 2 == 0 { CV } else { "{}" };
+        let (st, v) = request(addr, "PUT", "/api/config/cv", Some(&token), body).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    done.store(true, Ordering::Relaxed);
+    let complete = reader.join().expect("reader saw only whole files");
+    assert!(complete > 0);
+    let (_, v) = request(addr, "GET", "/api/config/cv", Some(&token), "").await;
+    assert_eq!(v["voices"], serde_json::json!([]));
+    stop.cancel();
+    c.wait().await.unwrap();
 }
