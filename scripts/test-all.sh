@@ -220,12 +220,16 @@ run_tests() {
     export VOICEMESH_PYTHON=$repo/.venv/bin/python
     [[ -x $VOICEMESH_BIN ]] || die "release binary missing: $VOICEMESH_BIN"
     : > "$test_log"
+    # Tests that judge real-time behaviour (xruns, onsets, detection within 300 ms) run one at a
+    # time after the rest, so parallel builds and tests on a 2-core machine cannot starve them.
+    local timed='binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback)'
     if command -v cargo-nextest >/dev/null; then
-        cargo nextest run --workspace --locked --no-fail-fast 2>&1 | tee -a "$test_log"
+        cargo nextest run --workspace --locked --no-fail-fast -E "not ($timed)" 2>&1 | tee -a "$test_log"
+        cargo nextest run --workspace --locked --no-fail-fast -E "$timed" --test-threads 1 2>&1 | tee -a "$test_log"
         # nextest does not run doctests.
         cargo test --workspace --locked --doc 2>&1 | tee -a "$test_log"
     else
-        cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$test_log"
+        cargo test --workspace --locked --no-fail-fast -- --test-threads 1 2>&1 | tee -a "$test_log"
     fi
     # The firmware's codec path: serde without `alloc`, so decoding may allocate nothing.
     cargo test -p voicemesh-protocol --no-default-features --locked --test allocations 2>&1 | tee -a "$test_log"
