@@ -436,20 +436,30 @@ impl VoiceAllocator {
     /// Replaces the channel routes; sounding notes keep their voices and are released by their
     /// key (or pedal) as before, but new notes follow the new routes.
     pub fn set_routes(&mut self, routes: Vec<ChannelRoute>) {
-        // Mono lines keep sounding, detached from their route: the key of their current pitch
-        // (or the pedal holding them) releases them.
-        for r in 0..self.routes.len() {
-            let mi = self.routes[r].mono_inst;
-            if mi != FREE {
-                let held = self.routes[r].keys.contains(&self.insts[mi as usize].note);
-                self.insts[mi as usize].key_down = held;
+        self.cfg.routes = routes;
+        let old = core::mem::take(&mut self.routes);
+        self.rebuild_routes();
+        // A route that is still there unchanged keeps its notes and its mono line; the others'
+        // notes are detached: they keep sounding until their key (or pedal) releases them, and
+        // a detached mono line ends with the key of its current pitch.
+        let mut map = vec![DETACHED; old.len()];
+        let mut taken = vec![false; self.routes.len()];
+        for (o, old_r) in old.into_iter().enumerate() {
+            let same =
+                (0..self.routes.len()).find(|&n| !taken[n] && self.routes[n].cfg == old_r.cfg);
+            if let Some(n) = same {
+                taken[n] = true;
+                map[o] = n as u32;
+                self.routes[n].keys = old_r.keys;
+                self.routes[n].mono_inst = old_r.mono_inst;
+            } else if old_r.mono_inst != FREE {
+                let i = &mut self.insts[old_r.mono_inst as usize];
+                i.key_down = old_r.keys.contains(&i.note);
             }
         }
         for inst in &mut self.insts {
-            inst.route = DETACHED;
+            inst.route = map.get(inst.route as usize).copied().unwrap_or(DETACHED);
         }
-        self.cfg.routes = routes;
-        self.rebuild_routes();
     }
 
     fn rebuild_routes(&mut self) {

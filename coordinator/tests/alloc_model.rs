@@ -35,6 +35,8 @@ enum Op {
     SetPolicy(u8),
     SetSteal(u8),
     Panic,
+    /// The same routes applied again (an HTTP PUT of unchanged routing).
+    SameRoutes,
     Advance(u64),
     Invalid(u8),
 }
@@ -57,6 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::SetPolicy),
         1 => (0u8..3).prop_map(Op::SetSteal),
         1 => Just(Op::Panic),
+        1 => Just(Op::SameRoutes),
         3 => (0u64..700_000_000).prop_map(Op::Advance),
         1 => (0u8..4).prop_map(Op::Invalid),
     ]
@@ -719,6 +722,9 @@ fn run(
                 w.apply(&acts, None, at)?;
                 prop_assert_eq!(offs(&acts).len(), before.len());
                 w.midi = Midi::default();
+            }
+            Op::SameRoutes => {
+                w.a.set_routes(routes(unison, prio));
             }
             Op::Advance(dt) => {
                 let target = ClusterTime(now.0 + dt);
