@@ -369,4 +369,36 @@ mod tests {
             .unwrap_err();
         assert!(e.field.starts_with("routes[0].source"), "{e}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any bytes, and any mutation of a valid document, give a config or a named error.
+        #[test]
+        fn hostile_documents_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            cut in 0usize..400,
+            flip in 0usize..400,
+        ) {
+            let _ = parse_json::<Config>(&bytes);
+            let _ = parse_channels(&bytes);
+            let doc = br#"{"voices":[{"node":"m","voice":0,"pitch":{"node":"m","channel":0},"gate_mode":{"mode":"trigger","ms":5}}],"routes":[{"source":{"type":"clock","ppqn":24,"pulse_ms":5},"output":{"node":"m","channel":1}}],"calibration":[{"output":{"node":"m","channel":0},"points":[{"volts":0,"code":0},{"volts":1,"code":100}]}]}"#;
+            let mut m = doc.to_vec();
+            if flip < m.len() {
+                m[flip] = m[flip].wrapping_add(1);
+            }
+            m.truncate(cut.max(1));
+            if let Ok(cv) = parse_json::<CvConfig>(&m)
+                && cv.validate().is_ok()
+            {
+                let tl = voicemesh_protocol::Timeline::from_milli_bpm(
+                    120_000,
+                    voicemesh_protocol::ClusterTime(0),
+                );
+                let mut r = crate::cv::CvRouter::new(cv, tl, 0).expect("validated");
+                let _ = r.handle_timeout(voicemesh_protocol::ClusterTime(u64::MAX / 2));
+                let _ = r.refresh(voicemesh_protocol::ClusterTime(0));
+            }
+        }
+    }
 }
