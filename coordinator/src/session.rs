@@ -419,7 +419,12 @@ async fn serve(
                     n.last_seen = Some(Instant::now());
                     match f.message {
                         Message::Heartbeat(_) => {}
-                        Message::Status(s) => n.status = Some(s),
+                        Message::Status(s) => {
+                            let load = s.load_permille;
+                            n.status = Some(s);
+                            // An overloaded node gets fewer new voices.
+                            g.alloc.set_node_load(node_id, load);
+                        }
                         Message::Bye(b) => {
                             tracing::info!(reason = %b.reason, "node said bye");
                             return Err(SessionError::Closed(addr));
