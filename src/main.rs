@@ -296,6 +296,11 @@ fn bench_alloc(a: BenchAllocArgs) -> Result<()> {
         bench::VOICES,
         a.seconds
     );
+    let (steals, steal_p99) = bench::measure_steal(a.seconds / 4.0);
+    println!(
+        "stealing (cluster full, oldest): note_ons_per_s={:.0} p99_op_us={steal_p99:.3}",
+        steals.floor()
+    );
     let (pairs, p99) = bench::measure(a.seconds);
     println!("pairs_per_s={:.0} p99_op_us={p99:.3}", pairs.floor());
     Ok(())

@@ -393,6 +393,12 @@ pub struct VoiceAllocator {
     /// Index into `nodes` where the next round-robin search starts.
     next_start: usize,
     serial: u64,
+    /// Voices in allocation order (serial, voice), for stealing the oldest without a scan.
+    /// Entries whose slot has moved on are stale and skipped; the queue is compacted when it
+    /// outgrows the cluster.
+    order: VecDeque<(u64, VoiceRef)>,
+    /// Length at which `order` is compacted: four times the cluster's voices.
+    order_limit: usize,
     stats: AllocatorStats,
     out: Vec<NodeAction>,
 }
@@ -411,6 +417,8 @@ impl VoiceAllocator {
             free_insts: Vec::new(),
             next_start: 0,
             serial: 0,
+            order: VecDeque::new(),
+            order_limit: 64,
             stats: AllocatorStats::default(),
             out: Vec::with_capacity(64),
         };
@@ -533,6 +541,7 @@ impl VoiceAllocator {
         node.slots = vec![FREE_SLOT; usize::from(voices)];
         node.free = (0..voices).collect();
         node.load_permille = 0;
+        self.order_limit = 4 * self.capacity() + 64;
         dropped
     }
 
@@ -638,6 +647,7 @@ impl VoiceAllocator {
         }
         self.nodes[ni].slots.clear();
         self.nodes[ni].free.clear();
+        self.order_limit = 4 * self.capacity() + 64;
         if self.next_start >= self.nodes.len() {
             self.next_start = 0;
         }
@@ -774,7 +784,37 @@ impl VoiceAllocator {
     }
 
     /// The voice to steal for `route`, never one of instance `keep`.
-    fn pick_victim(&self, now: ClusterTime, route: u32, keep: u32, note: u8) -> Option<VoiceRef> {
+    fn live_entry(&self, serial: u64, v: VoiceRef) -> Option<&Slot> {
+        let node = &self.nodes[usize::from(v.0)];
+        node.slots
+            .get(usize::from(v.1))
+            .filter(|s| node.alive && s.inst != FREE && s.serial == serial)
+    }
+
+    /// The oldest eligible voice, from the allocation-order queue.
+    fn oldest_victim(&mut self, route: u32, keep: u32) -> Option<VoiceRef> {
+        while let Some(&(serial, v)) = self.order.front() {
+            if self.live_entry(serial, v).is_some() {
+                break;
+            }
+            self.order.pop_front();
+        }
+        self.order.iter().find_map(|&(serial, v)| {
+            let s = self.live_entry(serial, v)?;
+            (s.inst != keep && self.route_allows(route, usize::from(v.0))).then_some(v)
+        })
+    }
+
+    fn pick_victim(
+        &mut self,
+        now: ClusterTime,
+        route: u32,
+        keep: u32,
+        note: u8,
+    ) -> Option<VoiceRef> {
+        if self.cfg.steal == StealMode::Oldest {
+            return self.oldest_victim(route, keep);
+        }
         let mut best: Option<(u64, VoiceRef)> = None;
         for (ni, node) in self.nodes.iter().enumerate() {
             if !node.alive || !self.route_allows(route, ni) {
@@ -829,6 +869,12 @@ impl VoiceAllocator {
     ) {
         let (ni, vi) = (usize::from(v.0), v.1);
         self.serial += 1;
+        if self.order.len() >= self.order_limit {
+            let mut order = core::mem::take(&mut self.order);
+            order.retain(|&(serial, v)| self.live_entry(serial, v).is_some());
+            self.order = order;
+        }
+        self.order.push_back((self.serial, v));
         self.nodes[ni].slots[usize::from(vi)] = Slot {
             inst,
             serial: self.serial,

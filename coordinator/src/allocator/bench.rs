@@ -107,3 +107,33 @@ pub fn measure(seconds: f64) -> (f64, f64) {
     };
     (pairs_per_s, f64::from(p99_ns) / 1000.0)
 }
+
+/// The stealing path: note-ons only on the benchmark cluster, so after the first 768 every
+/// note-on steals the oldest voice. Runs for about `seconds` with every operation timed and
+/// returns (note-ons per second, p99 time of one note-on in µs).
+pub fn measure_steal(seconds: f64) -> (f64, f64) {
+    let limit = Duration::from_secs_f64(seconds.max(0.01));
+    let mut a = cluster();
+    let mut now = ClusterTime(1_000_000_000);
+    let mut samples: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut i = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < limit && samples.len() + 256 <= samples.capacity() {
+        for _ in 0..256 {
+            now.0 += 1_000;
+            let ev = MidiEvent::NoteOn {
+                channel: (i % 14) as u8,
+                note: ((i / 14) % 128) as u8,
+                velocity: 100,
+            };
+            i += 1;
+            let t = Instant::now();
+            black_box(a.handle_midi(now, ev).map(black_box).count());
+            samples.push(u32::try_from(t.elapsed().as_nanos()).unwrap_or(u32::MAX));
+        }
+    }
+    let per_s = samples.len() as f64 / start.elapsed().as_secs_f64();
+    let k = (samples.len() - 1) * 99 / 100;
+    let p99 = *samples.select_nth_unstable(k).1;
+    (per_s, f64::from(p99) / 1000.0)
+}
