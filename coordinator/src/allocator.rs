@@ -174,6 +174,9 @@ pub struct ChannelRoute {
     pub unison_detune_cents: f32,
     /// `Some` makes the route monophonic with this note priority (legato re-pitch).
     pub mono: Option<MonoPriority>,
+    /// Engine the route's notes need (e.g. `"fm2"`); only nodes announcing it are used.
+    /// `None` = any node.
+    pub engine: Option<String>,
     /// Pitch bend range in semitones (2 is the MIDI default, 48 the MPE one).
     pub bend_range_semitones: f32,
     /// Inclusive key range the route answers; several routes of one channel form a split
@@ -191,6 +194,7 @@ impl Default for ChannelRoute {
             nodes: None,
             unison: 1,
             unison_detune_cents: 10.0,
+            engine: None,
             bend_range_semitones: 2.0,
             mono: None,
             key_range: (0, 127),
@@ -293,6 +297,8 @@ struct Node {
     free: VecDeque<u16>,
     load_permille: u16,
     latency_ns: u64,
+    /// Engines the node announced (empty = unknown, matches no engine-bound route).
+    engines: Vec<String>,
 }
 
 impl Node {
@@ -505,7 +511,8 @@ impl VoiceAllocator {
                     .cfg
                     .nodes
                     .as_ref()
-                    .is_none_or(|g| g.iter().any(|id| **id == *n.id));
+                    .is_none_or(|g| g.iter().any(|id| **id == *n.id))
+                    && r.cfg.engine.as_ref().is_none_or(|e| n.engines.contains(e));
                 r.eligible.push(ok);
             }
         }
@@ -530,6 +537,7 @@ impl VoiceAllocator {
                     free: VecDeque::new(),
                     load_permille: 0,
                     latency_ns: 0,
+                    engines: Vec::new(),
                 });
                 self.rebuild_eligibility();
                 self.nodes.len() - 1
@@ -591,6 +599,15 @@ impl VoiceAllocator {
             r.mono_inst = FREE;
         }
         self.free_insts.push(inst);
+    }
+
+    /// Sets the engines a node announced in its `Hello`; routes bound to an engine
+    /// ([`ChannelRoute::engine`]) only use nodes that have it.
+    pub fn set_node_engines(&mut self, id: &str, engines: &[&str]) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| &*n.id == id) {
+            n.engines = engines.iter().map(|e| (*e).to_owned()).collect();
+            self.rebuild_eligibility();
+        }
     }
 
     /// Sets the callback load a node reported, in per mille (1000 = the whole period).
@@ -1708,6 +1725,25 @@ mod tests {
         }
         assert!(a.note_on(T0, 110, 1, 0).is_empty());
         assert_eq!(a.stats().unrouted, 1);
+    }
+
+    #[test]
+    fn engine_bound_route_uses_only_nodes_with_the_engine() {
+        let mut a = alloc(&[("sub", 4), ("fm", 4)]);
+        a.set_node_engines("sub", &["subtractive"]);
+        a.set_node_engines("fm", &["subtractive", "fm2"]);
+        a.set_routes(vec![ChannelRoute {
+            channel: 5,
+            engine: Some("fm2".into()),
+            ..ChannelRoute::default()
+        }]);
+        for n in 0..4 {
+            assert_eq!(ons(&a.note_on(T0, n, 1, 5))[0].0, "fm");
+        }
+        // Full: it steals on "fm" rather than use "sub".
+        let act = a.note_on(T0, 9, 1, 5);
+        assert_eq!(ons(&act)[0].0, "fm");
+        assert_eq!(a.stats().stolen, 1);
     }
 
     #[test]

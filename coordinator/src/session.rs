@@ -334,6 +334,8 @@ async fn run_session(
             },
         );
         g.alloc.add_node(&node_id, hello.voices);
+        let engines: Vec<&str> = hello.engines.iter().map(|e| e.as_str()).collect();
+        g.alloc.set_node_engines(&node_id, &engines);
         generation
     };
     tracing::info!(parent: &span, voices = hello.voices, "node joined");
