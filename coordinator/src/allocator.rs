@@ -261,6 +261,7 @@ pub struct AllocatorStats {
 }
 
 const FREE: u32 = u32::MAX;
+const NO_MANAGER: u8 = u8::MAX;
 /// Route index of notes started under routes since replaced.
 const DETACHED: u32 = u32::MAX;
 
@@ -391,6 +392,8 @@ pub struct VoiceAllocator {
     routes: Vec<RouteState>,
     /// Per channel: indices into `routes`, in order.
     chan_routes: [Vec<u16>; 16],
+    /// Per channel: its MPE zone's manager channel (0 or 15), or [`NO_MANAGER`].
+    manager: [u8; 16],
     channels: [ChannelState; 16],
     /// 16 × 128: poly instance index of (channel, key), or [`FREE`].
     note_map: Vec<u32>,
@@ -417,6 +420,7 @@ impl VoiceAllocator {
             nodes: Vec::new(),
             routes: Vec::new(),
             chan_routes: Default::default(),
+            manager: [NO_MANAGER; 16],
             channels: [ChannelState::default(); 16],
             note_map: vec![FREE; 16 * 128],
             insts: Vec::new(),
@@ -500,7 +504,63 @@ impl VoiceAllocator {
                 }));
             }
         }
+        // MPE zones: the lower zone's members are the MPE channels 1, 2, … up to the first
+        // channel that is not, managed by channel 0; the upper zone's run down from 14,
+        // managed by 15.
+        let mpe = |c: usize, routes: &[RouteState], chan: &[Vec<u16>; 16]| {
+            chan[c].iter().any(|&r| routes[usize::from(r)].cfg.mpe)
+        };
+        self.manager = [NO_MANAGER; 16];
+        for c in 1..15 {
+            if !mpe(c, &self.routes, &self.chan_routes) {
+                break;
+            }
+            self.manager[c] = 0;
+        }
+        for c in (1..15).rev() {
+            if !mpe(c, &self.routes, &self.chan_routes) || self.manager[c] != NO_MANAGER {
+                break;
+            }
+            self.manager[c] = 15;
+        }
         self.rebuild_eligibility();
+    }
+
+    /// Channels a message on `channel` acts on: itself, plus its zone's members if it is an
+    /// MPE manager channel.
+    fn scope(&self, channel: u8) -> u16 {
+        let mut mask = 1u16 << channel;
+        for (c, &m) in self.manager.iter().enumerate() {
+            if m == channel {
+                mask |= 1 << c;
+            }
+        }
+        mask
+    }
+
+    /// The pedals holding notes of `channel`: its own, or its MPE manager's.
+    fn pedals(&self, channel: u8) -> ChannelState {
+        let mut ch = self.channels[usize::from(channel)];
+        if let Some(m) = self
+            .channels
+            .get(usize::from(self.manager[usize::from(channel)]))
+        {
+            ch.sustain |= m.sustain;
+            ch.sostenuto |= m.sostenuto;
+        }
+        ch
+    }
+
+    /// The pitch offset in semitones the MPE manager's bend adds to notes of `channel`.
+    fn zone_offset(&self, channel: u8) -> f32 {
+        let m = self.manager[usize::from(channel) & 15];
+        if m == NO_MANAGER {
+            return 0.0;
+        }
+        let range = self.chan_routes[usize::from(m)].first().map_or(2.0, |&r| {
+            self.routes[usize::from(r)].cfg.bend_range_semitones
+        });
+        self.channels[usize::from(m)].bend * range
     }
 
     fn rebuild_eligibility(&mut self) {
@@ -885,6 +945,7 @@ impl VoiceAllocator {
         with_state: bool,
     ) {
         let (ni, vi) = (usize::from(v.0), v.1);
+        let zone = self.zone_offset(self.insts[inst as usize].channel);
         self.serial += 1;
         if self.order.len() >= self.order_limit {
             let mut order = core::mem::take(&mut self.order);
@@ -926,7 +987,7 @@ impl VoiceAllocator {
                 }),
             ));
         };
-        let pitch = i.bend * i.bend_range + detune / 100.0;
+        let pitch = i.bend * i.bend_range + detune / 100.0 + zone;
         if pitch != 0.0 {
             param(PARAM_PITCH_SEMITONES, pitch);
         }
@@ -1080,10 +1141,19 @@ impl VoiceAllocator {
                 let v = f32::from(value) / 8192.0;
                 self.channels[usize::from(channel)].bend = v;
                 let at = self.at(now);
+                let scope = self.scope(channel);
+                let mut zones = [0.0; 16];
+                for (c, z) in zones.iter_mut().enumerate() {
+                    *z = self.zone_offset(c as u8);
+                }
                 for i in &mut self.insts {
-                    if i.live && i.channel == channel {
-                        i.bend = v;
-                        emit_pitch(&mut self.out, &self.nodes, i, at);
+                    if i.live && scope & (1 << i.channel) != 0 {
+                        // On a manager channel, the bend moves the whole zone.
+                        if i.channel == channel {
+                            i.bend = v;
+                        }
+                        let zone = zones[usize::from(i.channel)];
+                        emit_pitch(&mut self.out, &self.nodes, i, zone, at);
                     }
                 }
             }
@@ -1123,8 +1193,9 @@ impl VoiceAllocator {
         field: fn(&mut Instance) -> &mut f32,
     ) {
         let at = self.at(now);
+        let scope = self.scope(channel);
         for i in &mut self.insts {
-            if i.live && i.channel == channel {
+            if i.live && scope & (1 << i.channel) != 0 {
                 *field(i) = v;
                 emit_params(&mut self.out, &self.nodes, i, param, v, at);
             }
@@ -1145,16 +1216,20 @@ impl VoiceAllocator {
             66 => {
                 let was = self.channels[c].sostenuto;
                 self.channels[c].sostenuto = down;
+                let scope = self.scope(channel);
                 if !was && down {
                     for i in &mut self.insts {
-                        if i.live && i.channel == channel && i.key_down {
+                        if i.live && scope & (1 << i.channel) != 0 && i.key_down {
                             i.sost = true;
                         }
                     }
                 } else if was && !down {
-                    for i in &mut self.insts {
-                        if i.live && i.channel == channel {
-                            i.sost = false;
+                    for ii in 0..self.insts.len() {
+                        let c = self.insts[ii].channel;
+                        // A member's latch lasts while its own or its manager's pedal is down.
+                        if self.insts[ii].live && scope & (1 << c) != 0 && !self.pedals(c).sostenuto
+                        {
+                            self.insts[ii].sost = false;
                         }
                     }
                     self.release_unheld(now, channel);
@@ -1164,8 +1239,9 @@ impl VoiceAllocator {
                 let v = f32::from(value) / 127.0;
                 self.channels[c].timbre = Some(v);
                 let at = self.at(now);
+                let scope = self.scope(channel);
                 for i in &mut self.insts {
-                    if i.live && i.channel == channel {
+                    if i.live && scope & (1 << i.channel) != 0 {
                         i.timbre = Some(v);
                         emit_params(&mut self.out, &self.nodes, i, PARAM_TIMBRE, v, at);
                     }
@@ -1189,10 +1265,10 @@ impl VoiceAllocator {
 
     /// Releases the notes of `channel` no key and no pedal holds any more.
     fn release_unheld(&mut self, now: ClusterTime, channel: u8) {
-        let ch = self.channels[usize::from(channel)];
+        let scope = self.scope(channel);
         for ii in 0..self.insts.len() {
             let i = &self.insts[ii];
-            if i.live && i.channel == channel && !held(i, &ch) {
+            if i.live && scope & (1 << i.channel) != 0 && !held(i, &self.pedals(i.channel)) {
                 self.release_instance(ii as u32, now);
             }
         }
@@ -1233,7 +1309,7 @@ impl VoiceAllocator {
 
     fn key_up(&mut self, now: ClusterTime, channel: u8, note: u8) {
         let cell = usize::from(channel) * 128 + usize::from(note);
-        let ch = self.channels[usize::from(channel)];
+        let ch = self.pedals(channel);
         let inst = self.note_map[cell];
         if inst != FREE {
             let i = &mut self.insts[inst as usize];
@@ -1274,7 +1350,7 @@ impl VoiceAllocator {
 
     /// A mono line whose route was replaced ends with the key of its current pitch.
     fn release_detached_mono(&mut self, now: ClusterTime, channel: u8, note: u8) {
-        let ch = self.channels[usize::from(channel)];
+        let ch = self.pedals(channel);
         for ii in 0..self.insts.len() {
             let i = &mut self.insts[ii];
             if i.live && i.mono && i.route == DETACHED && i.channel == channel && i.note == note {
@@ -1289,13 +1365,14 @@ impl VoiceAllocator {
     /// Legato: moves a mono line's voices to `note` without a new attack.
     fn repitch(&mut self, now: ClusterTime, inst: u32, note: u8) {
         let at = self.at(now);
+        let zone = self.zone_offset(self.insts[inst as usize].channel);
         let i = &mut self.insts[inst as usize];
         if i.note == note {
             return;
         }
         i.note = note;
         i.key = note;
-        emit_pitch(&mut self.out, &self.nodes, i, at);
+        emit_pitch(&mut self.out, &self.nodes, i, zone, at);
     }
 
     /// Starts `note` (velocity 1–127; 0 is treated as a note-off) on `channel` (OSC input).
@@ -1455,13 +1532,14 @@ fn quiet_score(velocity: u8, now: ClusterTime, started: ClusterTime) -> u64 {
 }
 
 /// Sends every voice of `i` its pitch offset: legato distance + bend + detune.
-fn emit_pitch(out: &mut Vec<NodeAction>, nodes: &[Node], i: &Instance, at: ClusterTime) {
+fn emit_pitch(out: &mut Vec<NodeAction>, nodes: &[Node], i: &Instance, zone: f32, at: ClusterTime) {
     for &(ni, vi) in &i.voices {
         let node = &nodes[usize::from(ni)];
         let slot = &node.slots[usize::from(vi)];
         let value = (f32::from(i.note) - f32::from(slot.start_note))
             + i.bend * i.bend_range
-            + slot.detune / 100.0;
+            + slot.detune / 100.0
+            + zone;
         out.push((
             node.id.clone(),
             Message::VoiceParam(VoiceParam {
@@ -1783,6 +1861,73 @@ mod tests {
             },
         );
         assert_eq!(act.len(), 1);
+    }
+
+    #[test]
+    fn mpe_zone_manager_pedals_and_bend() {
+        let mut a = alloc(&[("a", 8)]);
+        let member = |channel| ChannelRoute {
+            channel,
+            mpe: true,
+            bend_range_semitones: 48.0,
+            ..ChannelRoute::default()
+        };
+        a.set_routes(vec![member(1), member(2), member(3)]);
+        let _ = a.note_on(T0, 60, 100, 1);
+        let _ = a.note_on(T0, 64, 100, 2);
+        // Sustain on the manager channel holds the members' notes.
+        let _ = midi(&mut a, cc(0, 64, 127));
+        assert!(a.note_off(T0, 60, 1).is_empty());
+        assert_eq!(offs(&midi(&mut a, cc(0, 64, 0))).len(), 1);
+        // Manager bend (range 2) moves the zone; a member's own bend (range 48) adds to it.
+        let pitch = |act: &[Action]| -> Vec<f32> {
+            act.iter()
+                .filter_map(|(_, m)| match m {
+                    Message::VoiceParam(p) if p.param == PARAM_PITCH_SEMITONES => Some(p.value),
+                    _ => None,
+                })
+                .collect()
+        };
+        let act = midi(
+            &mut a,
+            MidiEvent::PitchBend {
+                channel: 0,
+                value: 4096,
+            },
+        );
+        assert_eq!(pitch(&act), vec![1.0]);
+        let act = midi(
+            &mut a,
+            MidiEvent::PitchBend {
+                channel: 2,
+                value: -4096,
+            },
+        );
+        assert_eq!(pitch(&act), vec![-23.0]);
+        // A note started later in the zone starts with the zone's bend.
+        let act = a.note_on(T0, 67, 100, 3);
+        assert_eq!(pitch(&act), vec![1.0]);
+        // Manager pressure reaches every member note; a member's only its own.
+        let act = midi(
+            &mut a,
+            MidiEvent::ChannelPressure {
+                channel: 0,
+                value: 127,
+            },
+        );
+        assert_eq!(act.len(), 2);
+        let act = midi(
+            &mut a,
+            MidiEvent::ChannelPressure {
+                channel: 3,
+                value: 1,
+            },
+        );
+        assert_eq!(act.len(), 1);
+        // A channel outside any zone is not affected by channel 0.
+        let _ = a.note_on(T0, 50, 100, 9);
+        let _ = midi(&mut a, cc(0, 64, 127));
+        assert_eq!(offs(&a.note_off(T0, 50, 9)).len(), 1);
     }
 
     #[test]

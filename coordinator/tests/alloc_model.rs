@@ -42,7 +42,8 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let ch = 0u8..5;
+    // 0–4 as routed below; 13 and 14 are MPE members of the upper zone, 15 its manager.
+    let ch = prop_oneof![4 => 0u8..5, 1 => 13u8..16];
     prop_oneof![
         12 => (ch.clone(), 0..KEYS, 1u8..128).prop_map(|(c, n, v)| Op::On(c, n, v)),
         9 => (ch.clone(), 0..KEYS).prop_map(|(c, n)| Op::Off(c, n)),
@@ -85,6 +86,18 @@ fn routes(unison: u8, prio: MonoPriority) -> Vec<ChannelRoute> {
         },
         ChannelRoute {
             channel: 3,
+            mpe: true,
+            bend_range_semitones: 48.0,
+            ..ChannelRoute::default()
+        },
+        ChannelRoute {
+            channel: 13,
+            mpe: true,
+            bend_range_semitones: 48.0,
+            ..ChannelRoute::default()
+        },
+        ChannelRoute {
+            channel: 14,
             mpe: true,
             bend_range_semitones: 48.0,
             ..ChannelRoute::default()
@@ -143,14 +156,36 @@ struct Midi {
     mono_latched: bool,
 }
 
+/// The MPE manager of a channel: 15 for the upper zone's members 13 and 14.
+fn manager(c: u8) -> Option<u8> {
+    matches!(c, 13 | 14).then_some(15)
+}
+
+/// Channels a message on `c` acts on.
+fn scope(c: u8) -> Vec<u8> {
+    if c == 15 { vec![13, 14, 15] } else { vec![c] }
+}
+
 impl Midi {
+    /// (sustain, sostenuto) holding notes of channel `c`: its own or its manager's.
+    fn pedals(&self, c: u8) -> (bool, bool) {
+        let m = manager(c).unwrap_or(c);
+        (
+            self.sustain[usize::from(c)] || self.sustain[usize::from(m)],
+            self.sost[usize::from(c)] || self.sost[usize::from(m)],
+        )
+    }
+
     fn settle(&mut self, c: u8) {
-        let (sus, sost) = (self.sustain[usize::from(c)], self.sost[usize::from(c)]);
-        for ((kc, _), k) in self.keys.iter_mut() {
-            if *kc == c && k.sounding && !k.down && !sus && !(k.latched && sost) {
-                k.sounding = false;
+        for x in scope(c) {
+            let (sus, sost) = self.pedals(x);
+            for ((kc, _), k) in self.keys.iter_mut() {
+                if *kc == x && k.sounding && !k.down && !sus && !(k.latched && sost) {
+                    k.sounding = false;
+                }
             }
         }
+        let (sus, sost) = (self.sustain[usize::from(c)], self.sost[usize::from(c)]);
         if c == MONO_CH && self.mono_stack.is_empty() && !sus && !(self.mono_latched && sost) {
             self.mono_sounding = false;
         }
@@ -546,7 +581,7 @@ fn run(
                 } else {
                     if d && !w.midi.sost[ci] {
                         for ((kc, _), k) in w.midi.keys.iter_mut() {
-                            if *kc == c && k.down {
+                            if scope(c).contains(kc) && k.down {
                                 k.latched = true;
                             }
                         }
@@ -554,9 +589,15 @@ fn run(
                             w.midi.mono_latched = true;
                         }
                     }
-                    if !d {
+                    let was = w.midi.sost[ci];
+                    w.midi.sost[ci] = d;
+                    if was && !d {
+                        let down: Vec<u8> = scope(c)
+                            .into_iter()
+                            .filter(|&x| w.midi.pedals(x).1)
+                            .collect();
                         for ((kc, _), k) in w.midi.keys.iter_mut() {
-                            if *kc == c {
+                            if scope(c).contains(kc) && !down.contains(kc) {
                                 k.latched = false;
                             }
                         }
@@ -596,7 +637,7 @@ fn run(
                 w.apply(&acts, None, at)?;
                 prop_assert_eq!(
                     acts.len(),
-                    before.values().filter(|x| x.0 == c).count(),
+                    before.values().filter(|x| scope(c).contains(&x.0)).count(),
                     "bend to every voice of the channel"
                 );
             }
@@ -610,7 +651,10 @@ fn run(
                     },
                 );
                 w.apply(&acts, None, at)?;
-                prop_assert_eq!(acts.len(), before.values().filter(|x| x.0 == c).count());
+                prop_assert_eq!(
+                    acts.len(),
+                    before.values().filter(|x| scope(c).contains(&x.0)).count()
+                );
             }
             Op::Timbre(c, v) => {
                 let acts = to_vec(
@@ -623,7 +667,10 @@ fn run(
                     },
                 );
                 w.apply(&acts, None, at)?;
-                prop_assert_eq!(acts.len(), before.values().filter(|x| x.0 == c).count());
+                prop_assert_eq!(
+                    acts.len(),
+                    before.values().filter(|x| scope(c).contains(&x.0)).count()
+                );
             }
             Op::Poly(c, n, v) => {
                 let acts = to_vec(
