@@ -708,8 +708,14 @@ impl VoiceAllocator {
             if let Some(p) = i.voices.iter().position(|x| *x == (ni as u16, vi as u16)) {
                 i.voices.swap_remove(p);
             }
-            let route = i.route;
-            match self.pick_free(route) {
+            // A note whose route was replaced re-spawns where the current route of its key
+            // allows; with no such route it is not re-spawned.
+            let (route, channel, key) = (i.route, i.channel, i.key);
+            let route = match route {
+                DETACHED => self.route_for(channel, key),
+                r => Some(r),
+            };
+            match route.and_then(|r| self.pick_free(r)) {
                 Some(nj) => {
                     self.stats.respawned += 1;
                     self.start_voice(now, at, inst, nj, slot.detune, true);

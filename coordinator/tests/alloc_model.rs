@@ -37,6 +37,9 @@ enum Op {
     Panic,
     /// The same routes applied again (an HTTP PUT of unchanged routing).
     SameRoutes,
+    /// Channel 1's unison switched between the case's count and 1: its sounding notes are
+    /// detached from their route and must still be released by their keys and pedals.
+    ToggleUnison,
     Advance(u64),
     Invalid(u8),
 }
@@ -61,6 +64,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::SetSteal),
         1 => Just(Op::Panic),
         1 => Just(Op::SameRoutes),
+        1 => Just(Op::ToggleUnison),
         3 => (0u64..700_000_000).prop_map(Op::Advance),
         1 => (0u8..4).prop_map(Op::Invalid),
     ]
@@ -202,7 +206,10 @@ struct World {
     nodes: BTreeMap<(String, u16), Sounding>,
     midi: Midi,
     policy: Policy,
+    /// The case's unison count (the most any note of channel 1 may hold).
     unison: u8,
+    /// Channel 1's unison in force now.
+    unison_now: u8,
     prio: MonoPriority,
 }
 
@@ -447,6 +454,7 @@ fn run(
         midi: Midi::default(),
         policy,
         unison,
+        unison_now: unison,
         prio,
     };
     for (i, c) in caps0.iter().enumerate() {
@@ -499,7 +507,11 @@ fn run(
                         .filter(|(m, _)| eligible(c, n, m))
                         .map(|(_, c)| usize::from(*c))
                         .sum();
-                    prop_assert_eq!(ons.len(), unison_of(c, unison).min(cap), "unison count");
+                    prop_assert_eq!(
+                        ons.len(),
+                        unison_of(c, w.unison_now).min(cap),
+                        "unison count"
+                    );
                     for o in &ons {
                         prop_assert_eq!((o.channel, o.note, o.velocity), (c, n, v));
                     }
@@ -770,8 +782,12 @@ fn run(
                 prop_assert_eq!(offs(&acts).len(), before.len());
                 w.midi = Midi::default();
             }
+            Op::ToggleUnison => {
+                w.unison_now = if w.unison_now == unison { 1 } else { unison };
+                w.a.set_routes(routes(w.unison_now, prio));
+            }
             Op::SameRoutes => {
-                w.a.set_routes(routes(unison, prio));
+                w.a.set_routes(routes(w.unison_now, prio));
             }
             Op::Advance(dt) => {
                 let target = ClusterTime(now.0 + dt);

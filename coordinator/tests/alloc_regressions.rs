@@ -111,3 +111,32 @@ fn nothing_goes_to_a_lost_node() {
     assert!(a.renewals(due).iter().all(|(n, _)| *n != lost));
     assert!(a.panic(T).iter().all(|(n, _)| *n != lost));
 }
+
+/// Model sequence `On(1,0) ToggleUnison Add(n3) Lost(n1)`: a note detached by a route change
+/// was re-spawned on any node, outside its channel's node group. It now re-spawns where the
+/// current route of its key allows.
+#[test]
+fn respawn_of_a_detached_note_keeps_to_its_channels_group() {
+    let group = |unison| ChannelRoute {
+        channel: 1,
+        unison,
+        nodes: Some(vec!["n0".into(), "n1".into()]),
+        ..ChannelRoute::default()
+    };
+    let mut a = VoiceAllocator::new(AllocatorConfig {
+        routes: vec![group(1)],
+        ..AllocatorConfig::default()
+    });
+    let _ = a.add_node("n1", 2);
+    let _ = a.note_on(T, 60, 100, 1);
+    a.set_routes(vec![group(2)]);
+    let _ = a.add_node("outside", 2);
+    let _ = a.add_node("n0", 2);
+    let act = a.node_lost(T, "n1");
+    let ons: Vec<&String> = act
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::VoiceOn(_)))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(ons, vec!["n0"]);
+}
