@@ -546,8 +546,22 @@ async fn ports_in_use_and_corrupt_token_are_named() {
 /// mDNS on loopback only: the coordinator finds a node by its `_voicemesh._udp` record and
 /// connects to the TXT `port`; a node advertising another protocol version is listed with an
 /// error and never connected to.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovers_nodes_over_loopback_mdns() {
+///
+/// Runs in a private network namespace: on the shared loopback, every other test's coordinator
+/// would browse the same records and could take the fake node's one connection first.
+#[test]
+fn discovers_nodes_over_loopback_mdns() {
+    voicemesh_tests::in_private_netns(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(discovers_nodes_over_loopback_mdns_body())
+    });
+}
+
+async fn discovers_nodes_over_loopback_mdns_body() {
     use voicemesh_node::mdns::{ServiceInstance, advertise};
     let f = coordinator().await;
     let tag = format!(

@@ -24,6 +24,41 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Runs `f` on a fresh thread inside a private, unnamed network namespace
+/// (`unshare(CLONE_NEWNET)`) whose loopback is up with multicast on and a 224.0.0.0/4 route, and
+/// returns its result. For in-process tests of multicast code (mDNS, PTP): nothing they send can
+/// reach another test or a real interface, and the namespace vanishes with the thread. Build any
+/// async runtime inside `f`, so its worker threads inherit the namespace.
+///
+/// # Panics
+/// If `unshare` fails (the tests need root) or the loopback set-up fails; re-raises a panic of
+/// `f`.
+pub fn in_private_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare with CLONE_NEWNET changes only this thread's namespace.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "unshare(CLONE_NEWNET) failed (the tests need root): {}",
+                    std::io::Error::last_os_error()
+                );
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &["link", "set", "lo", "multicast", "on"],
+                    &["route", "add", "224.0.0.0/4", "dev", "lo"],
+                ] {
+                    run("ip", args);
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// Path of the `voicemesh` binary under test, from `VOICEMESH_BIN`.
 ///
 /// # Panics
