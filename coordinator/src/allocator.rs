@@ -677,7 +677,8 @@ impl VoiceAllocator {
         }
     }
 
-    /// Sets the output latency a node reported, in nanoseconds.
+    /// Sets a node's latency in nanoseconds, the figure the lowest-latency policy ranks by (the
+    /// session glue passes the control session's QUIC round-trip time).
     pub fn set_node_latency(&mut self, id: &str, latency_ns: u64) {
         if let Some(n) = self.nodes.iter_mut().find(|n| &*n.id == id) {
             n.latency_ns = latency_ns;

@@ -426,6 +426,10 @@ async fn serve(
                             n.status = Some(s);
                             // An overloaded node gets fewer new voices.
                             g.alloc.set_node_load(node_id, load);
+                            // The lowest-latency policy ranks nodes by the control session's
+                            // round-trip time, as QUIC measures it.
+                            let rtt = u64::try_from(conn.rtt().as_nanos()).unwrap_or(u64::MAX);
+                            g.alloc.set_node_latency(node_id, rtt);
                         }
                         Message::Bye(b) => {
                             tracing::info!(reason = %b.reason, "node said bye");
