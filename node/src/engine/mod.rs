@@ -17,6 +17,22 @@
 //! [`SynthEngine::render_add`] call, so events are frame-exact and blocks without events render
 //! in one vectorised pass. The scheduler keeps the gates and leases; the engine only the sound.
 
+/// Declares an engine's parameters: a `pub const` id per parameter (documented with its unit,
+/// range and default) and `PARAMS`, the engine's [`plugin::ParamInfo`] table in id order. Used by
+/// every engine so their parameter tables have one shape.
+macro_rules! params {
+    ($($id:literal $c:ident $name:literal $min:literal $max:literal $def:literal $unit:literal;)*) => {
+        $(
+            #[doc = concat!("Parameter `", $name, "`: ", $unit, " (", stringify!($min), " – ", stringify!($max), ", default ", stringify!($def), ").")]
+            pub const $c: u16 = $id;
+        )*
+        /// Every parameter, in id order.
+        pub static PARAMS: &[ParamInfo] = &[
+            $(ParamInfo { id: $id, name: $name, min: $min, max: $max, default: $def, unit: $unit },)*
+        ];
+    };
+}
+
 pub mod bench;
 pub mod dsp;
 pub mod fm2;

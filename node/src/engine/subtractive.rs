@@ -27,19 +27,6 @@ use super::plugin::{API_VERSION, BuiltinPreset, EngineInfo, ParamInfo, SynthEngi
 /// Registry name.
 pub const NAME: &str = "subtractive";
 
-macro_rules! params {
-    ($($id:literal $c:ident $name:literal $min:literal $max:literal $def:literal $unit:literal;)*) => {
-        $(
-            #[doc = concat!("Parameter `", $name, "`: ", $unit, " (", stringify!($min), " – ", stringify!($max), ", default ", stringify!($def), ").")]
-            pub const $c: u16 = $id;
-        )*
-        /// Every parameter, in id order.
-        pub static PARAMS: &[ParamInfo] = &[
-            $(ParamInfo { id: $id, name: $name, min: $min, max: $max, default: $def, unit: $unit },)*
-        ];
-    };
-}
-
 params! {
     0 VOLUME "volume" 0.0 1.0 1.0 "gain, multiplies the velocity gain";
     1 PITCH_BEND "pitch_bend" -48.0 48.0 0.0 "semitones";
