@@ -1,8 +1,9 @@
 //! In-process tests of the coordinator on 127.0.0.1 against a fake node written here with
 //! quinn: handshake, OSC → VoiceOn timing, offline detection, HTTP auth, hostile input.
 
+mod common;
+use common::node_endpoint;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -19,29 +20,9 @@ use voicemesh_node::clock::ClusterClock;
 use voicemesh_protocol::{
     ClusterTime, FrameReader, Heartbeat, Hello, Message, Role, Welcome, discovery, encode_frame_vec,
 };
+use voicemesh_tests::TempDir;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A unique temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "vm-coord-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config(dir: &TempDir) -> CoordinatorConfig {
     let mut cfg = CoordinatorConfig::new(dir.0.clone());
@@ -59,7 +40,7 @@ struct Fixture {
 }
 
 async fn coordinator() -> Fixture {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-coord-test");
     let clock = Arc::new(ClusterClock::new());
     let shutdown = CancellationToken::new();
     let coord = start(config(&dir), clock.clone(), shutdown.clone())
@@ -71,23 +52,6 @@ async fn coordinator() -> Fixture {
         shutdown,
         _dir: dir,
     }
-}
-
-/// A node's QUIC server with a self-signed certificate.
-fn node_endpoint() -> quinn::Endpoint {
-    let cert = rcgen::generate_simple_self_signed(vec!["voicemesh-node".into()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-    tls.alpn_protocols = vec![discovery::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
 struct FakeNode {
@@ -509,7 +473,7 @@ async fn bad_frame_gets_error_and_close() {
 
 #[tokio::test]
 async fn ports_in_use_and_corrupt_token_are_named() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-coord-test");
     let clock = Arc::new(ClusterClock::new());
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut cfg = config(&dir);

@@ -3,9 +3,8 @@
 //! and `/voicemesh/panic` still accepted.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rosc::{OscMessage, OscPacket};
@@ -14,28 +13,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use voicemesh_coordinator::{CoordinatorConfig, RunningCoordinator, StartError, start};
 use voicemesh_node::clock::ClusterClock;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "vm-config-api-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use voicemesh_tests::TempDir;
 
 async fn coordinator(dir: &TempDir) -> Result<(RunningCoordinator, CancellationToken), StartError> {
     let mut cfg = CoordinatorConfig::new(dir.0.clone());
@@ -83,7 +61,7 @@ const CV: &str = r#"{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_round_trip_persists_across_restart() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-config-api");
     let (c, stop) = coordinator(&dir).await.expect("starts");
     let (addr, token) = (c.http_addr(), c.token().to_owned());
     let t = Some(token.as_str());
@@ -165,7 +143,7 @@ async fn put_get_round_trip_persists_across_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_400_naming_the_field_and_changes_nothing() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-config-api");
     let (c, stop) = coordinator(&dir).await.expect("starts");
     let (addr, token) = (c.http_addr(), c.token().to_owned());
     let t = Some(token.as_str());
@@ -248,7 +226,7 @@ async fn bad_input_is_400_naming_the_field_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_or_foreign_config_stops_the_start_naming_the_path() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-config-api");
     std::fs::create_dir_all(&dir.0).unwrap();
     let file = dir.0.join("config.json");
     for (content, want) in [
@@ -265,7 +243,7 @@ async fn corrupt_or_foreign_config_stops_the_start_naming_the_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_never_see_a_partial_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vm-config-api");
     let (c, stop) = coordinator(&dir).await.expect("starts");
     let (addr, token) = (c.http_addr(), c.token().to_owned());
     let file = dir.0.join("config.json");

@@ -2,9 +2,9 @@
 //! is set through the HTTP API, and OSC notes and controllers come out as `CvSet`s on the MCU's
 //! session — pitch before gate at the note's `at`, right after the allocator's `VoiceOn`.
 
-use std::path::PathBuf;
+mod common;
+use common::node_endpoint;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rosc::{OscMessage, OscPacket, OscType};
@@ -15,34 +15,9 @@ use tokio_util::sync::CancellationToken;
 use voicemesh_coordinator::{CoordinatorConfig, start};
 use voicemesh_node::clock::ClusterClock;
 use voicemesh_protocol::{
-    ClusterTime, CvSet, FrameReader, Heartbeat, Hello, Message, Role, discovery, encode_frame_vec,
+    ClusterTime, CvSet, FrameReader, Heartbeat, Hello, Message, Role, encode_frame_vec,
 };
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn node_endpoint() -> quinn::Endpoint {
-    let cert = rcgen::generate_simple_self_signed(vec!["voicemesh-node".into()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-    tls.alpn_protocols = vec![discovery::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap()
-}
+use voicemesh_tests::TempDir;
 
 async fn put(addr: std::net::SocketAddr, path: &str, token: &str, body: &str) -> u16 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -75,11 +50,7 @@ const CV: &str = r#"{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn osc_note_and_cc_reach_the_mcu_as_cv() {
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "vm-cv-routing-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )));
+    let dir = TempDir::new("vm-cv-routing");
     let mut cfg = CoordinatorConfig::new(dir.0.clone());
     cfg.http = "127.0.0.1:0".parse().unwrap();
     cfg.osc = "127.0.0.1:0".parse().unwrap();

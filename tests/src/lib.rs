@@ -24,6 +24,33 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A unique temporary directory path (`$TMPDIR/<prefix>-<pid>-<n>`), removed with everything
+/// in it on drop. The directory itself is not created: code under test that must create its
+/// state directory gets to do so.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+static TEMPDIR_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    /// A fresh path under the system's temporary directory; anything already there is removed.
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            TEMPDIR_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs `f` on a fresh thread inside a private, unnamed network namespace
 /// (`unshare(CLONE_NEWNET)`) whose loopback is up with multicast on and a 224.0.0.0/4 route, and
 /// returns its result. For in-process tests of multicast code (mDNS, PTP): nothing they send can
