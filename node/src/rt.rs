@@ -149,7 +149,7 @@ pub fn in_audio_group() -> bool {
 /// What the audio thread and the process got, as one line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RtReport {
-    /// Which thread, e.g. `render thread vm-audio-a` or `JACK process thread`.
+    /// Which thread, e.g. `audio thread vm-audio-a` or `JACK process thread`.
     pub thread: String,
     /// Its scheduling, or why it is unknown (e.g. no callback yet).
     pub sched: Result<ThreadSched, String>,

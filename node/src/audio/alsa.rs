@@ -157,40 +157,19 @@ pub fn start(
         pcm.buffer_frames()
     );
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
-    let (rt_tx, rt_rx) = std::sync::mpsc::sync_channel(1);
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let thread_name = format!("vm-alsa-{}", p.id);
     let lp = Loop {
         clock: p.clock.clone(),
         counters: p.counters.clone(),
         shutdown,
         sample_rate: sr,
     };
-    let spawn = std::thread::Builder::new()
-        .name(thread_name.clone())
-        .spawn(move || {
-            let rt = crate::rt::request_realtime(&format!("ALSA thread {thread_name}"));
-            let _ = rt_tx.send(rt);
+    let (realtime, task) =
+        super::spawn_audio_thread(format!("vm-alsa-{}", p.id), "ALSA thread", move || {
             let result = lp.run(&mut pcm, &mut engine);
             drop(pcm);
-            let _ = done_tx.send(result);
-        });
-    if let Err(e) = spawn {
-        return Err(NodeError::AudioThread(format!(
-            "cannot start the ALSA thread: {e}"
-        )));
-    }
-    // The thread's first act is to ask for SCHED_FIFO and report; a dead thread drops the
-    // sender, so this never waits long.
-    let realtime = rt_rx.recv().map_err(|_| {
-        NodeError::AudioThread("the ALSA thread ended before it started rendering".into())
-    })?;
+            result
+        })?;
     tracing::info!("{description}");
-    let task = tokio::spawn(async move {
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(NodeError::AudioThread("the ALSA thread panicked".into())))
-    });
     Ok(RunningAudio {
         description,
         sample_rate: sr,

@@ -131,6 +131,39 @@ pub struct RunningAudio {
     pub task: JoinHandle<Result<(), NodeError>>,
 }
 
+/// Starts a dedicated audio thread named `thread_name` that first asks for real-time
+/// treatment (SCHED_FIFO, locked memory), reports what it got, then runs `body` until it
+/// returns. Returns that report and a task resolving to `body`'s result. `what` names the
+/// thread in errors ("audio thread", "ALSA thread"). Shared by every backend that owns its
+/// thread (wav/null, ALSA); JACK's thread belongs to the server.
+pub(crate) fn spawn_audio_thread(
+    thread_name: String,
+    what: &'static str,
+    body: impl FnOnce() -> Result<(), NodeError> + Send + 'static,
+) -> Result<(RtReport, JoinHandle<Result<(), NodeError>>), NodeError> {
+    let (rt_tx, rt_rx) = std::sync::mpsc::sync_channel(1);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let label = format!("{what} {thread_name}");
+    std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            let _ = rt_tx.send(crate::rt::request_realtime(&label));
+            let _ = done_tx.send(body());
+        })
+        .map_err(|e| NodeError::AudioThread(format!("cannot start the {what}: {e}")))?;
+    // The thread's first act is to ask for SCHED_FIFO and report; a dead thread drops the
+    // sender, so this never waits long.
+    let realtime = rt_rx.recv().map_err(|_| {
+        NodeError::AudioThread(format!("the {what} ended before it started rendering"))
+    })?;
+    let task = tokio::spawn(async move {
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(NodeError::AudioThread(format!("the {what} panicked"))))
+    });
+    Ok((realtime, task))
+}
+
 /// Starts the backend `spec`; it runs until `shutdown`.
 pub fn start(
     spec: &AudioSpec,

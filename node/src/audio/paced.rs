@@ -108,9 +108,6 @@ pub fn start(
     };
 
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let (rt_tx, rt_rx) = std::sync::mpsc::sync_channel(1);
-    let thread_name = format!("vm-audio-{}", p.id);
     let rec = wav.map(|w| {
         let onsets = engine.record_onsets();
         let (samples_tx, samples_rx) = rtrb::RingBuffer::<f32>::new(sr as usize * 2);
@@ -119,12 +116,9 @@ pub fn start(
     let clock = p.clock.clone();
     let first = clock.now().add_nanos(2 * block_ns(sr) as i64).0;
 
-    let spawn = std::thread::Builder::new()
-        .name(thread_name.clone())
-        .spawn(move || {
-            let rt = crate::rt::request_realtime(&format!("render thread {thread_name}"));
-            let _ = rt_tx.send(rt);
-            let result = match rec {
+    let (realtime, task) =
+        super::spawn_audio_thread(format!("vm-audio-{}", p.id), "audio thread", move || {
+            match rec {
                 None => {
                     render_loop(&mut engine, &clock, first, &shutdown, |_, _| {});
                     Ok(())
@@ -161,24 +155,8 @@ pub fn start(
                         }
                     }
                 }
-            };
-            let _ = done_tx.send(result);
-        });
-    if let Err(e) = spawn {
-        return Err(NodeError::AudioThread(format!(
-            "cannot start the audio thread: {e}"
-        )));
-    }
-    // The thread's first act is to ask for SCHED_FIFO and report; a dead thread drops the
-    // sender, so this never waits long.
-    let realtime = rt_rx.recv().map_err(|_| {
-        NodeError::AudioThread("the audio thread ended before it started rendering".into())
-    })?;
-    let task = tokio::spawn(async move {
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(NodeError::AudioThread("the audio thread panicked".into())))
-    });
+            }
+        })?;
     Ok(RunningAudio {
         description,
         sample_rate: sr,
