@@ -9,73 +9,13 @@
 mod common;
 
 use common::unique;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::time::{Duration, Instant};
 use voicemesh_node::audio::ffi::jack::{Client, JackError, PORT_IS_INPUT, PORT_IS_OUTPUT};
 
-/// A jackd process, killed on drop.
-struct Jackd {
-    child: Child,
-    name: String,
-}
-
-impl Jackd {
-    /// Starts `jackd -n <unique> -d dummy -r 48000 -p 256` and waits until it takes clients.
-    fn start() -> Jackd {
-        let name = unique("vm-ffi-jack");
-        let mut cmd = Command::new("jackd");
-        cmd.args(["-n", &name, "-d", "dummy", "-r", "48000", "-p", "256"])
-            .env("JACK_NO_AUDIO_RESERVATION", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe; it makes jackd get SIGTERM if this test's
-        // thread dies without running `Drop` (a crash), so no server outlives the test.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot start jackd ({e}): install Debian's jackd2 to run the JACK tests")
-        });
-        let mut jackd = Jackd { child, name };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Client::open("vm-ready", Some(&jackd.name)) {
-                Ok(_) => return jackd,
-                Err(JackError::NoServer { .. }) if Instant::now() < deadline => {
-                    if let Ok(Some(status)) = jackd.child.try_wait() {
-                        panic!("jackd {} exited at start: {status}", jackd.name);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("jackd {} did not come up within 10 s: {e}", jackd.name),
-            }
-        }
-    }
-}
-
-impl Drop for Jackd {
-    /// SIGTERM (jackd then removes its sockets and semaphores), SIGKILL after 5 s.
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child, which has not been reaped yet.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use voicemesh_tests::Jackd;
 
 /// Waits for one message on `rx`, failing with `what` after `secs` seconds.
 fn expect(rx: &Receiver<()>, secs: u64, what: &str) {
@@ -86,7 +26,7 @@ fn expect(rx: &Receiver<()>, secs: u64, what: &str) {
 #[test]
 fn ffi_jack_against_a_real_server() {
     no_server_is_a_clear_error();
-    let jackd = Jackd::start();
+    let jackd = Jackd::start("vm-ffi-jack");
     a_client_plays_into_a_probe(&jackd.name);
     a_panicking_handler_is_silenced_not_fatal(&jackd.name);
 }

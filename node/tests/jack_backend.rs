@@ -6,7 +6,6 @@
 mod common;
 
 use common::unique;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -15,26 +14,7 @@ use voicemesh_node::audio::{self, AudioParams, AudioSpec};
 use voicemesh_node::clock::ClusterClock;
 use voicemesh_node::engine::{Control, EngineCounters, EngineEvent, EventKind};
 use voicemesh_node::error::NodeError;
-
-struct Jackd(Child);
-
-impl Drop for Jackd {
-    /// SIGTERM so jackd leaves JACK's shared server registry clean (SIGKILLed servers stay
-    /// registered until jackd refuses to start with "Too many servers already active").
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use voicemesh_tests::Jackd;
 
 fn set_server(name: &str) {
     // SAFETY: this binary has a single test and no other thread reads the environment while
@@ -72,17 +52,8 @@ async fn jack_backend_plays_through_a_real_server() {
         "{e}"
     );
 
-    let server = unique("vm-jack");
-    let child = Command::new("jackd")
-        .args(["-n", &server, "-d", "dummy", "-r", "48000", "-p", "256"])
-        .env("JACK_NO_AUDIO_RESERVATION", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start jackd ({e}): install Debian's jackd2 to run the JACK backend test")
-        });
-    let _jackd = Jackd(child);
+    let jackd = Jackd::start("vm-jack");
+    let server = jackd.name.clone();
     set_server(&server);
 
     // Wait for the server to accept clients (it has no readiness signal to await).

@@ -24,6 +24,87 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A JACK server (jackd2, dummy driver, 48 kHz, 256-frame periods) under a unique name
+/// (`<prefix>-<pid>-<n>`), ready to take clients when [`Jackd::start`] returns.
+///
+/// Stopped with SIGTERM on drop, so jackd removes itself from JACK's shared server registry (a
+/// SIGKILLed server stays registered, and after a few of those jackd refuses to start: "Too
+/// many servers already active"); SIGKILL only if it has not exited within 5 s. It also gets
+/// SIGTERM if the thread that started it dies without dropping it. Clients reach it by name:
+/// `JACK_DEFAULT_SERVER` for processes, or an explicit server name.
+#[derive(Debug)]
+pub struct Jackd {
+    /// The server's name.
+    pub name: String,
+    child: std::process::Child,
+}
+
+static JACKD_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Jackd {
+    /// Starts the server and waits (with `jack_wait`, up to 10 s) until it answers.
+    ///
+    /// # Panics
+    /// If jackd or jack_wait is missing (install Debian's jackd2), or the server does not
+    /// come up.
+    pub fn start(prefix: &str) -> Jackd {
+        use std::os::unix::process::CommandExt;
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            JACKD_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut cmd = Command::new("jackd");
+        cmd.args(["-n", &name, "-d", "dummy", "-r", "48000", "-p", "256"])
+            .env("JACK_NO_AUDIO_RESERVATION", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; jackd gets SIGTERM if the starting thread dies
+        // without running `Drop` (a crash), so no server outlives the test.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start jackd ({e}): install Debian's jackd2 to run the JACK tests")
+        });
+        let j = Jackd { name, child };
+        // jack_wait blocks until the server answers (its own readiness check), up to 10 s.
+        let out = Command::new("jack_wait")
+            .args(["-s", &j.name, "-w", "-t", "10"])
+            .env("JACK_DEFAULT_SERVER", &j.name)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run jack_wait ({e}): install jackd2's tools"));
+        assert!(
+            out.status.success(),
+            "jackd {} did not come up: {}{}",
+            j.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        j
+    }
+}
+
+impl Drop for Jackd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A unique temporary directory path (`$TMPDIR/<prefix>-<pid>-<n>`), removed with everything
 /// in it on drop. The directory itself is not created: code under test that must create its
 /// state directory gets to do so.

@@ -16,76 +16,13 @@
 //! reaches every client through `JACK_DEFAULT_SERVER`.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use voicemesh_tests::{
-    Child, Netns, python, read_wav_mono, try_http_get_json_local, voicemesh_bin,
+    Child, Jackd, Netns, python, read_wav_mono, try_http_get_json_local, voicemesh_bin,
 };
 
 const VOICES: usize = 64;
 const HOLD: Duration = Duration::from_secs(10);
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A jackd with the dummy driver under a unique name; killed on drop.
-struct Jackd {
-    name: String,
-    child: std::process::Child,
-}
-
-impl Jackd {
-    fn start() -> Jackd {
-        let name = format!(
-            "vmjack-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let child = Command::new("jackd")
-            .args(["-n", &name, "-d", "dummy", "-r", "48000", "-p", "256"])
-            .env("JACK_NO_AUDIO_RESERVATION", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start jackd ({e}): install Debian's jackd2 (jackd, jack_wait, jack_rec) to run this test")
-            });
-        let j = Jackd { name, child };
-        // jack_wait blocks until the server answers (its own readiness check), up to 10 s.
-        let out = Command::new("jack_wait")
-            .args(["-s", &j.name, "-w", "-t", "10"])
-            .env("JACK_DEFAULT_SERVER", &j.name)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run jack_wait ({e}): install jackd2's tools"));
-        assert!(
-            out.status.success(),
-            "jackd {} did not come up: {}{}",
-            j.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        j
-    }
-}
-
-impl Drop for Jackd {
-    /// SIGTERM, so jackd removes its server from JACK's shared registry (a SIGKILLed server
-    /// stays registered, and after a few of those jackd refuses to start: "Too many servers
-    /// already active"); SIGKILL only if it has not exited within 5 s.
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn node_json<'a>(v: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
     v["nodes"].as_array()?.iter().find(|n| n["id"] == id)
@@ -117,7 +54,7 @@ fn wait_api(
 
 #[test]
 fn jack_node_holds_64_voices_for_10_s_without_engine_xruns() {
-    let jack = Jackd::start();
+    let jack = Jackd::start("vmjack");
     let ns = Netns::new();
     let dir = std::env::temp_dir().join(format!("vm-jacknode-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
