@@ -48,8 +48,8 @@ impl ConfigStore {
 pub const INDEX_HTML: &str = include_str!("../../web/index.html");
 
 #[derive(Debug, Clone)]
-struct App {
-    shared: Arc<Shared>,
+pub(crate) struct App {
+    pub(crate) shared: Arc<Shared>,
     token: Arc<str>,
     store: Arc<ConfigStore>,
 }
@@ -66,6 +66,7 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
         .route("/api/config/policy", get(get_policy).put(put_policy))
         .route("/api/config/channels", get(get_channels).put(put_channels))
         .route("/api/config/cv", get(get_cv).put(put_cv))
+        .route("/api/tempo", get(get_tempo).post(crate::tempo::post_tempo))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -75,7 +76,7 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
         .with_state(app)
 }
 
-fn json_error(status: StatusCode, msg: &str) -> Response {
+pub(crate) fn json_error(status: StatusCode, msg: &str) -> Response {
     let body = serde_json::json!({ "error": msg }).to_string();
     (
         status,
@@ -223,7 +224,7 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-fn json_ok<T: Serialize>(v: &T) -> Response {
+pub(crate) fn json_ok<T: Serialize>(v: &T) -> Response {
     match serde_json::to_string(v) {
         Ok(body) => (
             [(
@@ -252,6 +253,10 @@ fn bad_request(e: &FieldError) -> Response {
         body,
     )
         .into_response()
+}
+
+async fn get_tempo(State(app): State<App>) -> Response {
+    json_ok(&crate::tempo::TempoHandle::new(app.shared.clone()).snapshot())
 }
 
 async fn get_config(State(app): State<App>) -> Response {

@@ -21,6 +21,7 @@ mod http;
 pub mod osc;
 pub mod session;
 mod state;
+pub mod tempo;
 pub mod token;
 
 use std::net::SocketAddr;
@@ -200,6 +201,11 @@ impl RunningCoordinator {
         self.shared.snapshot()
     }
 
+    /// Changes the cluster's tempo and transport (see [`tempo`]).
+    pub fn tempo(&self) -> tempo::TempoHandle {
+        tempo::TempoHandle::new(self.shared.clone())
+    }
+
     /// Keeps a control session with a node at `addr` without mDNS (tests, static setups).
     pub fn add_node_addr(&self, addr: SocketAddr) {
         self.connectors.add(addr);
@@ -293,7 +299,6 @@ pub async fn start(
     })?;
     let shared = Arc::new(Shared {
         id: cfg.id.clone(),
-        timeline,
         clock,
         lookahead: cfg.lookahead,
         heartbeat: cfg.heartbeat,
@@ -306,8 +311,10 @@ pub async fn start(
             counters: Default::default(),
             latency: Default::default(),
             next_generation: 0,
+            tempo: tempo::TempoState::new(timeline, tempo::DEFAULT_QUANTUM),
         }),
         renew_wakeup: tokio::sync::Notify::new(),
+        tempo_changed: tokio::sync::Notify::new(),
     });
 
     let tracker = TaskTracker::new();

@@ -394,13 +394,14 @@ async fn serve(
     seq: &mut u32,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
+    let timeline = shared.lock().tempo.timeline;
     write_msg(
         send,
         &Message::Welcome(Welcome {
             coordinator: Message::text(&shared.id),
             heartbeat_ms: u16::try_from(shared.heartbeat.as_millis()).unwrap_or(u16::MAX),
             lease_ms: u32::try_from(shared.lease.as_millis()).unwrap_or(u32::MAX),
-            timeline: shared.timeline,
+            timeline,
         }),
         addr,
     )

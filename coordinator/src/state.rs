@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use voicemesh_node::clock::ClusterClock;
-use voicemesh_protocol::{ClusterTime, Message, Role, Status, Timeline};
+use voicemesh_protocol::{ClusterTime, Message, Role, Status};
 
 use crate::allocator::{Action, VoiceAllocator};
 use crate::cv::CvRouter;
 use crate::osc::DropReason;
+use crate::tempo::{TempoSnapshot, TempoState};
 
 /// Samples kept for the latency summary.
 pub const LATENCY_SAMPLES: usize = 4096;
@@ -61,13 +62,14 @@ pub(crate) struct Inner {
     pub counters: Counters,
     pub latency: VecDeque<u32>,
     pub next_generation: u64,
+    /// The cluster timeline and transport (see [`crate::tempo`]).
+    pub tempo: TempoState,
 }
 
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub id: String,
     pub clock: Arc<ClusterClock>,
-    pub timeline: Timeline,
     pub lookahead: Duration,
     pub heartbeat: Duration,
     pub offline_after: Duration,
@@ -75,6 +77,8 @@ pub(crate) struct Shared {
     pub inner: Mutex<Inner>,
     /// Woken when a note-on may have moved the allocator's renewal deadline earlier.
     pub renew_wakeup: Notify,
+    /// Woken on every local tempo or transport edit (see [`crate::tempo::TempoHandle`]).
+    pub tempo_changed: Notify,
 }
 
 impl Shared {
@@ -245,8 +249,10 @@ pub struct ClusterSnapshot {
     pub coordinator: CoordinatorInfo,
     /// Current tempo of the timeline.
     pub tempo_bpm: f64,
-    /// Ableton Link peers (0 until Link is implemented).
+    /// Other Ableton Link peers in the coordinator's Link session (0 when Link is off).
     pub link_peers: u32,
+    /// Tempo, transport, phase and Link state.
+    pub tempo: TempoSnapshot,
     /// Lookahead stamped on every event, in milliseconds.
     pub lookahead_ms: u64,
     /// Known nodes, sorted by id.
@@ -300,13 +306,15 @@ impl Shared {
             })
             .collect();
         let stats = g.alloc.stats();
+        let tempo = TempoSnapshot::of(&g.tempo, cluster_time);
         ClusterSnapshot {
             coordinator: CoordinatorInfo {
                 id: self.id.clone(),
                 cluster_time_ns: cluster_time.as_nanos(),
             },
-            tempo_bpm: f64::from(self.timeline.milli_bpm()) / 1000.0,
-            link_peers: 0,
+            tempo_bpm: tempo.tempo_bpm,
+            link_peers: tempo.link.peers,
+            tempo,
             lookahead_ms: self.lookahead.as_millis() as u64,
             nodes,
             osc: OscSnapshot {

@@ -214,11 +214,24 @@ fn osc(addr: &str, args: Vec<OscType>) -> Vec<u8> {
 }
 
 async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, auth, "").await
+}
+
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = auth
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n");
+    let len = body.len();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
@@ -581,4 +594,75 @@ async fn discovers_nodes_over_loopback_mdns_body() {
     mdns.stop().await;
     f.shutdown.cancel();
     f.coord.wait().await.unwrap();
+}
+
+/// A tempo change through the HTTP API reaches every connected node as a new timeline that
+/// keeps the beat continuous; transport and bad tempos are answered; nothing is sent when
+/// nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tempo_change_is_broadcast_to_nodes() {
+    let f = coordinator().await;
+    let (mut a, wa) = join(&f.coord, "tempo-a", 4).await;
+    let (mut b, _) = join(&f.coord, "tempo-b", 4).await;
+    let addr = f.coord.http_addr();
+    let t = f.coord.token().to_owned();
+    let before = f.clock.now();
+    let (st, body) = http_request(
+        addr,
+        "POST",
+        "/api/tempo",
+        Some(&t),
+        r#"{"tempo_bpm": 90.5}"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let after = f.clock.now();
+    let snap: voicemesh_coordinator::tempo::TempoSnapshot = serde_json::from_str(&body).unwrap();
+    assert!((snap.tempo_bpm - 90.5).abs() < 1e-6, "{body}");
+    for node in [&mut a, &mut b] {
+        let tl = node
+            .until(|m| match m {
+                Message::Timeline(t) => Some(*t),
+                _ => None,
+            })
+            .await;
+        assert_eq!(tl.ns_per_beat, 662_983_425);
+        // Continuity: the change happened between `before` and `after`; at that moment the new
+        // line gives the same beat as the old one (within a micro-beat of rounding).
+        assert!(tl.t0 >= before && tl.t0 <= after, "{tl:?}");
+        let old = wa.timeline.micro_beats_at(tl.t0);
+        assert!(
+            (tl.micro_beats_at(tl.t0) - old).abs() <= 1,
+            "{tl:?} vs {old}"
+        );
+    }
+    let (st, body) =
+        http_request(addr, "POST", "/api/tempo", Some(&t), r#"{"playing": true}"#).await;
+    assert_eq!(st, 200, "{body}");
+    let s = f.coord.snapshot();
+    assert!(s.tempo.playing);
+    assert!((s.tempo_bpm - 90.5).abs() < 1e-6);
+    assert!((0.0..4.0).contains(&s.tempo.phase));
+    for bad in [
+        r#"{"tempo_bpm": 5}"#,
+        r#"{"tempo_bpm": 1000}"#,
+        r#"{"bpm": 100}"#,
+        "x",
+    ] {
+        let (st, body) = http_request(addr, "POST", "/api/tempo", Some(&t), bad).await;
+        assert_eq!(st, 400, "{bad}: {body}");
+    }
+    // Same tempo again and a handle call: only the real change is sent.
+    f.coord.tempo().set_tempo_bpm(90.5).unwrap();
+    f.coord.tempo().set_tempo_bpm(150.0).unwrap();
+    let tl = a
+        .until(|m| match m {
+            Message::Timeline(t) => Some(*t),
+            _ => None,
+        })
+        .await;
+    assert_eq!(tl.ns_per_beat, 400_000_000);
+    let (st, _) = http_request(addr, "POST", "/api/tempo", None, r#"{"playing": false}"#).await;
+    assert_eq!(st, 401);
+    f.shutdown.cancel();
 }
