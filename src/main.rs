@@ -164,6 +164,25 @@ struct NodeArgs {
     /// UDP port of the QUIC control session (0 = any free port; it is advertised over mDNS).
     #[arg(long, value_name = "PORT", default_value_t = 0)]
     port: u16,
+    /// Test only: start the node's cluster clock this many milliseconds off (before PTP
+    /// disciplines it), to show PTP pulling it in.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        help_heading = "Testing"
+    )]
+    test_clock_offset_ms: f64,
+    /// Test only: start the node's cluster clock running this many ppm fast (negative: slow).
+    #[arg(
+        long,
+        value_name = "PPM",
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        help_heading = "Testing"
+    )]
+    test_clock_rate_ppm: f64,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -433,17 +452,31 @@ async fn run_node(a: NodeArgs) -> Result<()> {
     let id = a.id.unwrap_or_else(|| name.clone());
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
+    if !a.test_clock_offset_ms.is_finite() || a.test_clock_offset_ms.abs() > 3_600_000.0 {
+        bail!(
+            "--test-clock-offset-ms {} (must be within ±3600000)",
+            a.test_clock_offset_ms
+        );
+    }
     let cfg = NodeConfig {
         voices: a.voices,
         audio: a.audio,
         sample_rate: a.sample_rate,
         quic_port: a.port,
+        test_clock_offset_ns: (a.test_clock_offset_ms * 1e6).round() as i64,
+        test_clock_rate_ppm: a.test_clock_rate_ppm,
         ..node_config(&id, &name, &a.net, scope)
     };
     let node = voicemesh_node::start(cfg, shutdown.clone())
         .await
         .with_context(|| format!("starting node {name}"))?;
     print_node(&name, &node, scope);
+    if a.test_clock_offset_ms != 0.0 || a.test_clock_rate_ppm != 0.0 {
+        println!(
+            "node {name}: test clock error: started {} ms off, {} ppm fast",
+            a.test_clock_offset_ms, a.test_clock_rate_ppm
+        );
+    }
     // One plain line: what real-time treatment the audio got and how to get more.
     println!("node {name}: {}", node.realtime());
     node.wait().await.with_context(|| format!("node {name}"))?;

@@ -67,6 +67,11 @@ pub struct NodeConfig {
     pub sample_rate: u32,
     /// PTP slave settings.
     pub ptp: PtpConfig,
+    /// Test only: start the cluster clock this many ns ahead of the local guess (see
+    /// [`ClusterClock::with_error`]); 0 in normal use.
+    pub test_clock_offset_ns: i64,
+    /// Test only: start the cluster clock this many ppm fast; 0 in normal use.
+    pub test_clock_rate_ppm: f64,
 }
 
 impl NodeConfig {
@@ -81,6 +86,8 @@ impl NodeConfig {
             quic_port: 0,
             sample_rate: DEFAULT_SAMPLE_RATE,
             ptp: PtpConfig::default(),
+            test_clock_offset_ns: 0,
+            test_clock_rate_ppm: 0.0,
         }
     }
 
@@ -104,6 +111,12 @@ impl NodeConfig {
         }
         if self.voices == 0 || self.voices > MAX_VOICES {
             return bad(format!("voices = {} (must be 1–{MAX_VOICES})", self.voices));
+        }
+        if !self.test_clock_rate_ppm.is_finite() || self.test_clock_rate_ppm.abs() > 1_000.0 {
+            return bad(format!(
+                "test clock rate error {} ppm (must be within ±1000)",
+                self.test_clock_rate_ppm
+            ));
         }
         if !(8_000..=384_000).contains(&self.sample_rate) {
             return bad(format!(
@@ -207,7 +220,10 @@ impl RunningNode {
 /// advertisement. Runs until `shutdown` is cancelled.
 pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<RunningNode, NodeError> {
     cfg.validate()?;
-    let clock = Arc::new(ClusterClock::new());
+    let clock = Arc::new(ClusterClock::with_error(
+        cfg.test_clock_offset_ns,
+        cfg.test_clock_rate_ppm,
+    ));
     let ptp = Arc::new(PtpStatus::default());
     let counters = Arc::new(EngineCounters::default());
 

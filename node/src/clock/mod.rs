@@ -30,6 +30,24 @@ pub fn local_now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A source of local time in nanoseconds: the clock a [`ClusterClock`] model is read over.
+/// [`Realtime`] in the product; the PTP simulation gives each simulated node its own drifting
+/// oscillator.
+pub trait LocalClock {
+    /// Local time now, ns.
+    fn now_ns(&self) -> u64;
+}
+
+/// `CLOCK_REALTIME`, the local clock of every real node (see [`local_now_ns`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Realtime;
+
+impl LocalClock for Realtime {
+    fn now_ns(&self) -> u64 {
+        local_now_ns()
+    }
+}
+
 /// A snapshot of the clock model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClockModel {
@@ -72,13 +90,38 @@ impl ClusterClock {
     /// grandmaster's clock, and a node's first guess before PTP has spoken.
     pub fn new() -> Self {
         let now = local_now_ns();
+        ClusterClock::from_model(ClockModel {
+            anchor_local: now,
+            anchor_cluster: ClusterTime(now + TAI_OFFSET_NS),
+            rate: 0.0,
+        })
+    }
+
+    /// A clock that starts with model `m`, not locked.
+    pub fn from_model(m: ClockModel) -> Self {
         ClusterClock {
             seq: AtomicU64::new(0),
-            anchor_local: AtomicU64::new(now),
-            anchor_cluster: AtomicU64::new(now + TAI_OFFSET_NS),
-            rate_bits: AtomicU64::new(0f64.to_bits()),
+            anchor_local: AtomicU64::new(m.anchor_local),
+            anchor_cluster: AtomicU64::new(m.anchor_cluster.0),
+            rate_bits: AtomicU64::new(m.rate.to_bits()),
             locked: AtomicBool::new(false),
         }
+    }
+
+    /// A clock started deliberately wrong: `offset_ns` ahead of [`ClusterClock::new`]'s guess
+    /// and running `rate_ppm` parts per million fast (negative: behind, slow). Tests and
+    /// `voicemesh node --test-clock-offset-ms/--test-clock-rate-ppm` use it to show that PTP
+    /// pulls a node in from a known error; the PTP slave takes the model's rate at start as
+    /// its free-running base, so the error persists until the servo has measured it.
+    pub fn with_error(offset_ns: i64, rate_ppm: f64) -> Self {
+        let c = ClusterClock::new();
+        let m = c.model();
+        c.set_model(ClockModel {
+            anchor_local: m.anchor_local,
+            anchor_cluster: m.anchor_cluster.add_nanos(offset_ns),
+            rate: rate_ppm * 1e-6,
+        });
+        c
     }
 
     /// The current model (wait-free; retries only while a writer is mid-update).
@@ -124,7 +167,11 @@ impl ClusterClock {
 
     /// Moves cluster time by `offset_ns` at once (a step), keeping the rate.
     pub fn step(&self, offset_ns: i64) {
-        let now = local_now_ns();
+        self.step_at(local_now_ns(), offset_ns)
+    }
+
+    /// [`ClusterClock::step`], with the local time of the step given.
+    pub fn step_at(&self, now: u64, offset_ns: i64) {
         let m = self.model();
         self.set_model(ClockModel {
             anchor_local: now,
@@ -135,7 +182,11 @@ impl ClusterClock {
 
     /// Sets the rate correction from now on, without a jump in cluster time.
     pub fn set_rate(&self, rate: f64) {
-        let now = local_now_ns();
+        self.set_rate_at(local_now_ns(), rate)
+    }
+
+    /// [`ClusterClock::set_rate`], with the local time of the change given.
+    pub fn set_rate_at(&self, now: u64, rate: f64) {
         let m = self.model();
         self.set_model(ClockModel {
             anchor_local: now,
@@ -189,6 +240,19 @@ mod tests {
         let t2 = c.now();
         assert!(t2 >= t1, "rate change must not move time backwards");
         assert!(t2.nanos_since(t1) < 1_000_000);
+    }
+
+    #[test]
+    fn clock_with_error_is_off_by_offset_and_rate() {
+        let truth = ClusterClock::new();
+        let c = ClusterClock::with_error(-3_000_000, 50.0);
+        let d = c.now().nanos_since(truth.now());
+        assert!(
+            (d + 3_000_000).abs() < 500_000,
+            "offset {d} ns, wanted −3 ms"
+        );
+        assert!((c.model().rate - 50e-6).abs() < 1e-15);
+        assert!(!c.is_locked());
     }
 
     #[test]
