@@ -248,17 +248,17 @@ count_tests() {
 }
 
 fuzz_smoke() {
-    local corpus
+    local target=$1 corpus
     corpus=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$corpus'; trap - RETURN" RETURN
-    python3 fuzz/seed_corpus.py "$corpus"
+    python3 fuzz/seed_corpus.py "$corpus" "$target"
     (
         cd fuzz
         if rustup toolchain list | grep -q '^nightly'; then
-            cargo +nightly fuzz run decode_frame "$corpus" -- -max_total_time="$fuzz_seconds"
+            cargo +nightly fuzz run "$target" "$corpus" -- -max_total_time="$fuzz_seconds"
         else
-            RUSTC_BOOTSTRAP=1 cargo +stable fuzz run decode_frame "$corpus" -- -max_total_time="$fuzz_seconds"
+            RUSTC_BOOTSTRAP=1 cargo +stable fuzz run "$target" "$corpus" -- -max_total_time="$fuzz_seconds"
         fi
     )
 }
@@ -277,7 +277,8 @@ step "no_std build: voicemesh-mcu (thumbv7em, via $thumb_via)" no_std_build voic
 step "release binary" cargo build --release --locked --bin voicemesh
 step "deploy/ units" validate_deploy
 step "tests" run_tests
-step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke
+step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke decode_frame
+step "fuzz smoke: decode_datagram ${fuzz_seconds}s" fuzz_smoke decode_datagram
 
 current_step=""
 banner "summary"

@@ -17,5 +17,7 @@ pub const DEFAULT_OSC_PORT: u16 = 9000;
 pub const DEFAULT_PTP_EVENT_PORT: u16 = 3319;
 /// Default PTP general port (non-privileged; 320 when interoperating).
 pub const DEFAULT_PTP_GENERAL_PORT: u16 = 3320;
+/// Default UDP port an MCU node (firmware or `voicemesh mcu-sim`) listens on.
+pub const DEFAULT_MCU_PORT: u16 = 7410;
 /// Default heartbeat interval of a control session.
 pub const DEFAULT_HEARTBEAT_MS: u16 = 100;

@@ -22,6 +22,8 @@ mod msg;
 mod time;
 
 pub mod codec;
+pub mod cv;
+pub mod datagram;
 pub mod discovery;
 mod reader;
 #[cfg(feature = "std")]
@@ -38,5 +40,6 @@ pub use time::{ClusterTime, MAX_BPM, MIN_BPM, Timeline};
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Minor protocol version: additions that older peers of the same major version may ignore.
 ///
-/// History: 1.0 first release; 1.1 added `Status::load_max_permille`.
-pub const PROTOCOL_MINOR: u8 = 1;
+/// History: 1.0 first release; 1.1 added `Status::load_max_permille`; 1.2 added the MCU
+/// messages `CvAssign`, `Control`, `TimeSync` and `CvReport`.
+pub const PROTOCOL_MINOR: u8 = 2;

@@ -193,6 +193,172 @@ pub struct ErrorMsg {
     pub text: Text,
 }
 
+/// Most CV channels one MCU node can have (and one [`CvReport`] can carry).
+pub const MAX_CV_CHANNELS: usize = 32;
+/// Most points in one calibration table carried by a [`CvAssign`].
+pub const MAX_CV_CAL_POINTS: usize = 16;
+
+/// What a CV output does, for [`CvAssign`]. On the wire: its snake_case name as a str.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CvFunction {
+    /// Not driven: the output rests at `min_uv`.
+    Off,
+    /// Set by [`CvSet`] only (the coordinator computes the voltage).
+    Direct,
+    /// 1 V/octave pitch of voice slot `voice`: `base_note` is 0 V, the voice's MIDI channel's
+    /// pitch bend adds up to ±`bend_semitones`; glides over `glide_ms`.
+    Pitch,
+    /// Gate of voice slot `voice`: `max_uv` while the note is held, `min_uv` otherwise.
+    Gate,
+    /// Trigger of voice slot `voice`: `max_uv` for `pulse_ms` at every note-on.
+    Trigger,
+    /// Velocity of voice slot `voice`: 0–127 → `min_uv`–`max_uv`, held after note-off.
+    Velocity,
+    /// Control change number `param` on `midi_channel`: 0–127 → `min_uv`–`max_uv`.
+    Cc,
+    /// Channel aftertouch on `midi_channel`: 0–127 → `min_uv`–`max_uv`.
+    Aftertouch,
+    /// Pitch bend of `midi_channel` as a voltage: 0–16383 → `min_uv`–`max_uv`.
+    PitchBend,
+    /// Clock from the timeline: `param` pulses per quarter note (1–96), each `pulse_ms` long.
+    Clock,
+    /// A `pulse_ms` pulse at every bar start of the timeline, `param` beats per bar (1–64).
+    Reset,
+}
+
+/// One point of a calibration table: the DAC code measured to produce `microvolts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalPoint {
+    /// Output voltage, in microvolts.
+    pub microvolts: i32,
+    /// The DAC code that produced it.
+    pub code: i32,
+}
+
+/// Coordinator → MCU node: what CV output `channel` does from now on (protocol 1.2).
+///
+/// Fields a function does not use are ignored (send 0). An empty `calibration` means the
+/// DAC's nominal line (code 0 = 0 V, full scale = the DAC's full-scale voltage).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CvAssign {
+    /// CV output channel on the MCU node (0 … cv − 1).
+    pub channel: u16,
+    /// What the output does.
+    pub function: CvFunction,
+    /// Voice slot, for pitch, gate, trigger and velocity.
+    pub voice: VoiceId,
+    /// MIDI channel (0–15), for cc, aftertouch and pitch bend.
+    pub midi_channel: u8,
+    /// Controller number (cc), pulses per quarter note (clock), beats per bar (reset).
+    pub param: u16,
+    /// Low end of the output (gate low, value 0), in microvolts.
+    pub min_uv: i32,
+    /// High end of the output (gate high, value 127 / 16383), in microvolts.
+    pub max_uv: i32,
+    /// Pitch: the MIDI note that is 0 V.
+    pub base_note: u8,
+    /// Pitch: pitch-bend range in semitones (0–48).
+    pub bend_semitones: u8,
+    /// Pitch: portamento time from one note to the next, in ms (0 = jump).
+    pub glide_ms: u16,
+    /// Trigger, clock and reset: pulse length in ms (at least 1).
+    pub pulse_ms: u16,
+    /// Volts → code table, volts strictly increasing, at most [`MAX_CV_CAL_POINTS`] points.
+    pub calibration: heapless::Vec<CalPoint, MAX_CV_CAL_POINTS>,
+}
+
+/// Which MIDI controller a [`Control`] carries. On the wire: its snake_case name as a str.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ControlKind {
+    /// Pitch bend, `value` 0–16383 (8192 = centre).
+    PitchBend,
+    /// Control change `number`, `value` 0–127.
+    Cc,
+    /// Channel aftertouch, `value` 0–127.
+    Aftertouch,
+}
+
+/// Coordinator → MCU node: a MIDI controller changed, applies at `at` (protocol 1.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// MIDI channel, 0–15.
+    pub midi_channel: u8,
+    /// Which controller.
+    pub kind: ControlKind,
+    /// Controller number (cc only).
+    pub number: u8,
+    /// New value (14-bit for pitch bend, 7-bit otherwise).
+    pub value: u16,
+    /// When it applies.
+    pub at: ClusterTime,
+}
+
+/// Clock exchange of an MCU node (protocol 1.2): the node sends it with `origin` set to its
+/// local clock and the other two fields 0; the coordinator answers with the same `origin`,
+/// `receive` = its cluster time when the request arrived and `transmit` = when it answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeSync {
+    /// The node's local clock at sending, in ns (echoed back unchanged).
+    pub origin: u64,
+    /// Coordinator's cluster time on receipt of the request (0 in a request).
+    pub receive: ClusterTime,
+    /// Coordinator's cluster time when sending the answer (0 in a request).
+    pub transmit: ClusterTime,
+}
+
+/// Counters of a datagram receiver (see `datagram::ReplayWindow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RxCounters {
+    /// Datagrams accepted.
+    pub accepted: u32,
+    /// Dropped: a sequence number seen before, inside the window.
+    pub duplicates: u32,
+    /// Dropped: older than the window (a replay or a very late datagram).
+    pub replays: u32,
+    /// Accepted although older than the newest seen (arrived out of order).
+    pub reordered: u32,
+    /// Sequence numbers skipped when a newer datagram arrived (lost, or still to come).
+    pub gaps: u32,
+    /// Dropped: not a valid datagram or frame.
+    pub malformed: u32,
+}
+
+/// MCU node → coordinator: the DAC codes it drives and its health (protocol 1.2). Sent
+/// whenever codes changed (at most once per poll) and with every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CvReport {
+    /// The node's cluster time when the report was made.
+    pub now: ClusterTime,
+    /// Current code of every channel, channel 0 first (0 on a channel whose DAC failed).
+    pub codes: heapless::Vec<u16, MAX_CV_CHANNELS>,
+    /// Cluster time at which each channel's current code was written.
+    pub changed_at: heapless::Vec<ClusterTime, MAX_CV_CHANNELS>,
+    /// Cluster time of the most recent code change on any channel.
+    pub applied_at: ClusterTime,
+    /// Bit `d` set: DAC `d` failed and its channels are at 0 V.
+    pub dac_faults: u32,
+    /// DAC writes issued since start (refreshes included).
+    pub writes: u32,
+    /// Writes skipped because the DAC already held the code.
+    pub skipped_writes: u32,
+    /// Writes or inits that failed since start.
+    pub write_errors: u32,
+    /// Events applied after their `at`, since start.
+    pub late_events: u32,
+    /// Gates dropped because a lease ran out, since start.
+    pub lease_expiries: u32,
+    /// Current estimate of the node's clock offset (cluster − servo model), ns.
+    pub clock_offset_ns: i64,
+    /// Whether the clock servo has locked.
+    pub clock_locked: bool,
+    /// Counters of the datagrams received from the coordinator.
+    pub rx: RxCounters,
+}
+
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -225,6 +391,14 @@ pub enum Message {
     Bye(Bye),
     /// See [`ErrorMsg`].
     Error(ErrorMsg),
+    /// See [`CvAssign`] (1.2).
+    CvAssign(CvAssign),
+    /// See [`Control`] (1.2).
+    Control(Control),
+    /// See [`TimeSync`] (1.2).
+    TimeSync(TimeSync),
+    /// See [`CvReport`] (1.2).
+    CvReport(CvReport),
 }
 
 impl Message {
@@ -243,6 +417,10 @@ impl Message {
             Message::CvSet(_) => "cv_set",
             Message::Bye(_) => "bye",
             Message::Error(_) => "error",
+            Message::CvAssign(_) => "cv_assign",
+            Message::Control(_) => "control",
+            Message::TimeSync(_) => "time_sync",
+            Message::CvReport(_) => "cv_report",
         }
     }
 

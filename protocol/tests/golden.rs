@@ -14,9 +14,10 @@
 
 use std::path::PathBuf;
 use voicemesh_protocol::{
-    Bye, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN,
-    Message, PROTOCOL_MINOR, PROTOCOL_VERSION, Role, Status, Timeline, VoiceOff, VoiceOn,
-    VoiceParam, Welcome, codec, decode_frame, encode_frame,
+    Bye, CalPoint, ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvReport, CvSet,
+    ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN, Message, PROTOCOL_MINOR,
+    PROTOCOL_VERSION, Role, RxCounters, Status, TimeSync, Timeline, VoiceOff, VoiceOn, VoiceParam,
+    Welcome, codec, decode_frame, encode_frame,
 };
 
 /// One golden vector: file stem and the message it holds.
@@ -44,7 +45,8 @@ fn timeline() -> Timeline {
     }
 }
 
-/// Every vector: those of protocol 1.0 (each `Message` variant at least once) and of 1.1.
+/// Every vector: those of protocol 1.0 (each 1.0 `Message` variant at least once), of 1.1 and of
+/// 1.2 (the MCU messages).
 fn vectors() -> Vec<Vector> {
     let mut engines = heapless::Vec::new();
     engines.push(s("subtractive")).unwrap();
@@ -249,6 +251,111 @@ fn vectors() -> Vec<Vector> {
                 text: s("é"),
             }),
         },
+        Vector {
+            file: "v1_2_cv_assign",
+            minor: 2,
+            same_body_now: true,
+            describe: "CvAssign { channel: 0, function: Pitch, voice: 1, midi_channel: 0, param: 0, min_uv: 0, max_uv: 5000000, base_note: 36, bend_semitones: 2, glide_ms: 30, pulse_ms: 0, calibration: [{ microvolts: 0, code: 3 }, { microvolts: 5000000, code: 4090 }] }",
+            message: Message::CvAssign(CvAssign {
+                channel: 0,
+                function: CvFunction::Pitch,
+                voice: 1,
+                midi_channel: 0,
+                param: 0,
+                min_uv: 0,
+                max_uv: 5_000_000,
+                base_note: 36,
+                bend_semitones: 2,
+                glide_ms: 30,
+                pulse_ms: 0,
+                calibration: heapless::Vec::from_iter([
+                    CalPoint {
+                        microvolts: 0,
+                        code: 3,
+                    },
+                    CalPoint {
+                        microvolts: 5_000_000,
+                        code: 4090,
+                    },
+                ]),
+            }),
+        },
+        Vector {
+            file: "v1_2_cv_assign_clock",
+            minor: 2,
+            same_body_now: true,
+            describe: "CvAssign { channel: 7, function: Clock, voice: 0, midi_channel: 0, param: 24, min_uv: 0, max_uv: 5000000, base_note: 0, bend_semitones: 0, glide_ms: 0, pulse_ms: 5, calibration: [] }",
+            message: Message::CvAssign(CvAssign {
+                channel: 7,
+                function: CvFunction::Clock,
+                voice: 0,
+                midi_channel: 0,
+                param: 24,
+                min_uv: 0,
+                max_uv: 5_000_000,
+                base_note: 0,
+                bend_semitones: 0,
+                glide_ms: 0,
+                pulse_ms: 5,
+                calibration: heapless::Vec::new(),
+            }),
+        },
+        Vector {
+            file: "v1_2_control",
+            minor: 2,
+            same_body_now: true,
+            describe: "Control { midi_channel: 1, kind: PitchBend, number: 0, value: 16383, at: 9000000 }",
+            message: Message::Control(Control {
+                midi_channel: 1,
+                kind: ControlKind::PitchBend,
+                number: 0,
+                value: 16383,
+                at: ClusterTime(9_000_000),
+            }),
+        },
+        Vector {
+            file: "v1_2_time_sync",
+            minor: 2,
+            same_body_now: true,
+            describe: "TimeSync { origin: 123456789, receive: 1700000000000000000, transmit: 1700000000000020000 }",
+            message: Message::TimeSync(TimeSync {
+                origin: 123_456_789,
+                receive: ClusterTime(1_700_000_000_000_000_000),
+                transmit: ClusterTime(1_700_000_000_000_020_000),
+            }),
+        },
+        Vector {
+            file: "v1_2_cv_report",
+            minor: 2,
+            same_body_now: true,
+            describe: "CvReport { now: 2000000000, codes: [1638, 0, 4095], changed_at: [5000000, 0, 5000000], applied_at: 5000000, dac_faults: 2, writes: 40, skipped_writes: 12, write_errors: 1, late_events: 0, lease_expiries: 1, clock_offset_ns: -250, clock_locked: true, rx: { accepted: 30, duplicates: 1, replays: 0, reordered: 2, gaps: 3, malformed: 0 } }",
+            message: Message::CvReport(CvReport {
+                now: ClusterTime(2_000_000_000),
+                codes: heapless::Vec::from_iter([1638, 0, 4095]),
+                changed_at: heapless::Vec::from_iter([
+                    ClusterTime(5_000_000),
+                    ClusterTime(0),
+                    ClusterTime(5_000_000),
+                ]),
+                applied_at: ClusterTime(5_000_000),
+                dac_faults: 2,
+                writes: 40,
+                skipped_writes: 12,
+                write_errors: 1,
+                late_events: 0,
+                lease_expiries: 1,
+                clock_offset_ns: -250,
+                clock_locked: true,
+                rx: RxCounters {
+                    accepted: 30,
+                    duplicates: 1,
+                    replays: 0,
+                    reordered: 2,
+                    gaps: 3,
+                    malformed: 0,
+                },
+            }),
+        },
     ]
 }
 
@@ -313,6 +420,10 @@ fn variant_index(m: &Message) -> usize {
         Message::CvSet(_) => 9,
         Message::Bye(_) => 10,
         Message::Error(_) => 11,
+        Message::CvAssign(_) => 12,
+        Message::Control(_) => 13,
+        Message::TimeSync(_) => 14,
+        Message::CvReport(_) => 15,
         // A new variant must get a vector (and an index here) before this test passes.
         _ => panic!("Message variant {} has no golden vector index", m.kind()),
     }
@@ -320,7 +431,7 @@ fn variant_index(m: &Message) -> usize {
 
 #[test]
 fn every_variant_has_a_vector() {
-    let mut seen = [false; 12];
+    let mut seen = [false; 16];
     for v in vectors() {
         seen[variant_index(&v.message)] = true;
     }
@@ -329,7 +440,7 @@ fn every_variant_has_a_vector() {
         "variants without a vector: {seen:?}"
     );
     // The newest vectors are of the version this build speaks.
-    assert_eq!((PROTOCOL_VERSION, PROTOCOL_MINOR), (1, 1));
+    assert_eq!((PROTOCOL_VERSION, PROTOCOL_MINOR), (1, 2));
 }
 
 #[test]
@@ -393,7 +504,7 @@ fn golden_vectors_match_both_codecs() {
 /// Each variant has a vector of the current minor or an older one it still encodes the same.
 #[test]
 fn every_variant_is_pinned_at_the_current_version() {
-    let mut seen = [false; 12];
+    let mut seen = [false; 16];
     for v in vectors().iter().filter(|v| v.same_body_now) {
         seen[variant_index(&v.message)] = true;
     }

@@ -6,6 +6,10 @@ use voicemesh_protocol::{
     Bye, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_ENGINES,
     MAX_LEASE_BATCH, Message, Role, Status, Timeline, VoiceOff, VoiceOn, VoiceParam, Welcome,
 };
+use voicemesh_protocol::{
+    CalPoint, Control, ControlKind, CvAssign, CvFunction, CvReport, MAX_CV_CAL_POINTS,
+    MAX_CV_CHANNELS, RxCounters, TimeSync,
+};
 
 /// Any text up to `N` bytes, cut at a character boundary (multi-byte characters included).
 pub fn text<const N: usize>() -> impl Strategy<Value = heapless::String<N>> {
@@ -40,6 +44,121 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Refused),
         Just(ErrorCode::Other),
     ]
+}
+
+fn cv_function() -> impl Strategy<Value = CvFunction> {
+    prop_oneof![
+        Just(CvFunction::Off),
+        Just(CvFunction::Direct),
+        Just(CvFunction::Pitch),
+        Just(CvFunction::Gate),
+        Just(CvFunction::Trigger),
+        Just(CvFunction::Velocity),
+        Just(CvFunction::Cc),
+        Just(CvFunction::Aftertouch),
+        Just(CvFunction::PitchBend),
+        Just(CvFunction::Clock),
+        Just(CvFunction::Reset),
+    ]
+}
+
+/// Any message of the MCU additions of protocol 1.2.
+pub fn mcu_message() -> impl Strategy<Value = Message> {
+    let assign = (
+        (
+            any::<u16>(),
+            cv_function(),
+            any::<u16>(),
+            any::<u8>(),
+            any::<u16>(),
+        ),
+        (any::<i32>(), any::<i32>(), any::<u8>(), any::<u8>()),
+        (any::<u16>(), any::<u16>()),
+        vec((any::<i32>(), any::<i32>()), 0..=MAX_CV_CAL_POINTS),
+    )
+        .prop_map(
+            |(
+                (channel, function, voice, midi_channel, param),
+                (min_uv, max_uv, base_note, bend_semitones),
+                (glide_ms, pulse_ms),
+                cal,
+            )| {
+                Message::CvAssign(CvAssign {
+                    channel,
+                    function,
+                    voice,
+                    midi_channel,
+                    param,
+                    min_uv,
+                    max_uv,
+                    base_note,
+                    bend_semitones,
+                    glide_ms,
+                    pulse_ms,
+                    calibration: heapless::Vec::from_iter(
+                        cal.into_iter()
+                            .map(|(microvolts, code)| CalPoint { microvolts, code }),
+                    ),
+                })
+            },
+        );
+    let kind = prop_oneof![
+        Just(ControlKind::PitchBend),
+        Just(ControlKind::Cc),
+        Just(ControlKind::Aftertouch)
+    ];
+    let control = (any::<u8>(), kind, any::<u8>(), any::<u16>(), time()).prop_map(
+        |(midi_channel, kind, number, value, at)| {
+            Message::Control(Control {
+                midi_channel,
+                kind,
+                number,
+                value,
+                at,
+            })
+        },
+    );
+    let sync = (any::<u64>(), time(), time()).prop_map(|(origin, receive, transmit)| {
+        Message::TimeSync(TimeSync {
+            origin,
+            receive,
+            transmit,
+        })
+    });
+    let rx = any::<[u32; 6]>().prop_map(|c| RxCounters {
+        accepted: c[0],
+        duplicates: c[1],
+        replays: c[2],
+        reordered: c[3],
+        gaps: c[4],
+        malformed: c[5],
+    });
+    let report = (
+        (time(), vec(any::<u16>(), 0..=MAX_CV_CHANNELS)),
+        vec(time(), 0..=MAX_CV_CHANNELS),
+        (time(), any::<u32>(), any::<[u32; 6]>()),
+        (any::<i64>(), any::<bool>(), rx),
+    )
+        .prop_map(
+            |((now, codes), changed, (applied_at, dac_faults, n), (off, locked, rx))| {
+                Message::CvReport(CvReport {
+                    now,
+                    codes: heapless::Vec::from_iter(codes),
+                    changed_at: heapless::Vec::from_iter(changed),
+                    applied_at,
+                    dac_faults,
+                    writes: n[0],
+                    skipped_writes: n[1],
+                    write_errors: n[2],
+                    late_events: n[3],
+                    lease_expiries: n[4],
+                    clock_offset_ns: off,
+                    clock_locked: locked,
+                    rx,
+                })
+            },
+        );
+    prop_oneof![assign, control, sync, report]
 }
 
 /// Any message of any variant, with values over each field's whole range.
@@ -165,5 +284,6 @@ pub fn message() -> impl Strategy<Value = Message> {
         cv_set,
         bye,
         error,
+        mcu_message(),
     ]
 }
