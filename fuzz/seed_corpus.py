@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Writes a fuzz seed corpus from protocol/tests/golden/*.hex.
 
-Usage: seed_corpus.py OUT_DIR [decode_frame|decode_datagram].
+Usage: seed_corpus.py OUT_DIR [decode_frame|decode_datagram|link_wire].
 decode_frame (default): each input is one seed byte (the target's chunking seed) followed by
 frame bytes: every golden vector alone, and all of them back to back.
 decode_datagram: every golden vector behind a datagram header (docs/wire-protocol.md).
+link_wire: the captured LinkHut ALIVE and a PING (shared/protocols/ableton-link.md §3, §5).
 """
 import pathlib
 import sys
@@ -13,6 +14,13 @@ golden = pathlib.Path(__file__).resolve().parent.parent / "protocol" / "tests" /
 out = pathlib.Path(sys.argv[1])
 target = sys.argv[2] if len(sys.argv) > 2 else "decode_frame"
 out.mkdir(parents=True, exist_ok=True)
+if target == "link_wire":
+    (out / "alive").write_bytes(bytes.fromhex(
+        "5f617364705f76010105000060" "4e7a2758233a43746d6c6e00000018000000000007a120"
+        "0000000000b349620000000000000000736573730000000860" "4e7a2758233a4373747374"
+        "0000001100000000000000000000000000000000006d657034000000067f0000018dee"))
+    (out / "ping").write_bytes(bytes.fromhex("5f6c696e6b5f7601015f5f687400000008000000002cf79893"))
+    sys.exit(print(f"2 seed inputs for {target} in {out}"))
 frames = []
 for path in sorted(golden.glob("*.hex")):
     digits = "".join(line.split("#", 1)[0] for line in path.read_text().splitlines())

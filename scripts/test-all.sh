@@ -248,7 +248,7 @@ count_tests() {
 }
 
 fuzz_smoke() {
-    local target=$1 corpus
+    local target=$1 seconds=${2:-$fuzz_seconds} corpus
     corpus=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$corpus'; trap - RETURN" RETURN
@@ -256,9 +256,9 @@ fuzz_smoke() {
     (
         cd fuzz
         if rustup toolchain list | grep -q '^nightly'; then
-            cargo +nightly fuzz run "$target" "$corpus" -- -max_total_time="$fuzz_seconds"
+            cargo +nightly fuzz run "$target" "$corpus" -- -max_total_time="$seconds"
         else
-            RUSTC_BOOTSTRAP=1 cargo +stable fuzz run "$target" "$corpus" -- -max_total_time="$fuzz_seconds"
+            RUSTC_BOOTSTRAP=1 cargo +stable fuzz run "$target" "$corpus" -- -max_total_time="$seconds"
         fi
     )
 }
@@ -279,6 +279,7 @@ step "deploy/ units" validate_deploy
 step "tests" run_tests
 step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke decode_frame
 step "fuzz smoke: decode_datagram ${fuzz_seconds}s" fuzz_smoke decode_datagram
+step "fuzz smoke: link_wire 10s" fuzz_smoke link_wire 10
 
 current_step=""
 banner "summary"

@@ -18,6 +18,7 @@ pub mod config;
 pub mod cv;
 pub mod discovery;
 mod http;
+pub mod link;
 pub mod osc;
 pub mod session;
 mod state;

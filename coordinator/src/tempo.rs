@@ -8,7 +8,7 @@
 //! nothing. A tempo change keeps the musical position continuous: the beat at the moment of the
 //! change stays where it was, only the slope of the line changes.
 //!
-//! Local edits (HTTP, OSC) are also counted in [`TempoState::app_edits`] and announced through
+//! Local edits (HTTP, OSC) are also counted in `app_edits` and announced through
 //! [`TempoHandle::app_changed`], so the Link glue can carry them into the Link session; changes
 //! that come *from* Link go through [`TempoHandle::apply_session`] and are not announced back.
 
@@ -188,7 +188,7 @@ impl TempoHandle {
         self.shared.lock().tempo.link = link;
     }
 
-    /// Local edits so far (see [`TempoState::app_edits`]).
+    /// Local tempo/transport edits (HTTP, OSC) made since start.
     pub fn app_edits(&self) -> u64 {
         self.shared.lock().tempo.app_edits
     }
