@@ -31,6 +31,7 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 apt_packages=(
     gcc libc6-dev libasound2 jackd2 iproute2
     python3 python3-venv linuxptp liblo-tools systemd ca-certificates
+    qemu-system-arm binutils-arm-none-eabi
 )
 
 started=$(date +%s)
@@ -173,6 +174,41 @@ no_std_build() {
     fi
 }
 
+# The firmwares (mcu-node/firmware/*, outside the workspace, each with its own Cargo.lock):
+# built --locked from their own directories for thumbv7em-none-eabihf, with rustup's target or
+# Debian's rustc-web + build-std (PLATFORM notes); linked with GNU ld (binutils-arm-none-eabi).
+# They share one target dir under the workspace's (most of their dependencies are the same
+# crates with the same features, built once). Prints the sizes; the Teensy's code must stay
+# under 160 KiB of its 192 KiB ITCM. The QEMU image is what tests/tests/mcu_qemu.rs boots.
+firmware_limit_teensy_text=$((160 * 1024))
+firmware_target=$target_dir/firmware
+firmware_elf() { echo "$firmware_target/thumbv7em-none-eabihf/release/voicemesh-fw-$1"; }
+build_firmwares() {
+    local fw
+    for fw in qemu-an500 teensy41; do
+        echo "--- firmware $fw"
+        (
+            cd "mcu-node/firmware/$fw"
+            if [[ $thumb_via == rustup ]]; then
+                CARGO_TARGET_DIR=$firmware_target cargo build --release --locked
+            else
+                env PATH=/usr/bin:/bin RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+                    CARGO_TARGET_DIR="$firmware_target" \
+                    /usr/bin/cargo build --release --locked -Z build-std=core,alloc
+            fi
+        )
+        arm-none-eabi-size "$(firmware_elf "$fw")"
+    done
+    local elf hex text
+    elf=$(firmware_elf teensy41)
+    hex=$firmware_target/voicemesh-fw-teensy41.hex
+    arm-none-eabi-objcopy -O ihex "$elf" "$hex"
+    text=$(arm-none-eabi-size -A "$elf" | awk '$1 == ".text" { print $2 }')
+    [[ -n $text ]] || die "no .text section in $elf"
+    echo "teensy41: .text (ITCM) $text bytes of $firmware_limit_teensy_text allowed (192 KiB ITCM); hex: $hex"
+    ((text <= firmware_limit_teensy_text)) || die "Teensy firmware code is $text bytes, over the 160 KiB budget"
+}
+
 # Every systemd unit in deploy/: `systemd-analyze verify` (offline; the ExecStart binary is
 # pointed at the freshly built one, which must exist for verify), where any diagnostic counts
 # as a failure because verify exits 0 on unknown keys; plus a check of the keys we rely on.
@@ -218,11 +254,13 @@ validate_deploy() {
 run_tests() {
     export VOICEMESH_BIN=$target_dir/release/voicemesh
     export VOICEMESH_PYTHON=$repo/.venv/bin/python
+    VOICEMESH_FW_QEMU=$(firmware_elf qemu-an500)
+    export VOICEMESH_FW_QEMU
     [[ -x $VOICEMESH_BIN ]] || die "release binary missing: $VOICEMESH_BIN"
     : > "$test_log"
     # Tests that judge real-time behaviour (xruns, onsets, detection within 300 ms) run one at a
     # time after the rest, so parallel builds and tests on a 2-core machine cannot starve them.
-    local timed='binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback)'
+    local timed='binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback) | binary(mcu_qemu)'
     if command -v cargo-nextest >/dev/null; then
         cargo nextest run --workspace --locked --no-fail-fast -E "not ($timed)" 2>&1 | tee -a "$test_log"
         cargo nextest run --workspace --locked --no-fail-fast -E "$timed" --test-threads 1 2>&1 | tee -a "$test_log"
@@ -274,6 +312,7 @@ step "clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D 
 step "rustdoc -D warnings" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step "no_std build: voicemesh-protocol (thumbv7em, via $thumb_via)" no_std_build voicemesh-protocol
 step "no_std build: voicemesh-mcu (thumbv7em, via $thumb_via)" no_std_build voicemesh-mcu
+step "firmware builds (qemu-an500, teensy41) and the Teensy size gate" build_firmwares
 step "release binary" cargo build --release --locked --bin voicemesh
 step "deploy/ units" validate_deploy
 step "tests" run_tests

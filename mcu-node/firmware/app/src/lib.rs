@@ -8,8 +8,10 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod echo;
 pub mod log;
 pub mod mdns;
+pub mod net;
 pub mod rng;
 
 pub use config::NodeConfig;

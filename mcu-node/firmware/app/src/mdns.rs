@@ -25,6 +25,8 @@ use crate::{NodeConfig, info};
 pub struct Advert {
     /// Number of CV channels the node drives.
     pub cv_channels: u8,
+    /// Voice slots it plays.
+    pub voices: u8,
     /// Wire protocol version.
     pub proto: u8,
 }
@@ -59,6 +61,8 @@ pub async fn run(
         };
     let (recv, send) = socket.split();
     let mut cv: String<4> = String::new();
+    let mut voices: String<4> = String::new();
+    let _ = write!(voices, "{}", advert.voices);
     let mut proto: String<4> = String::new();
     let mut port: String<6> = String::new();
     let _ = write!(cv, "{}", advert.cv_channels);
@@ -68,6 +72,7 @@ pub async fn run(
         ("id", config.id.as_str()),
         ("role", voicemesh_mcu::ROLE),
         ("cv", cv.as_str()),
+        ("voices", voices.as_str()),
         ("proto", proto.as_str()),
         ("port", port.as_str()),
     ];

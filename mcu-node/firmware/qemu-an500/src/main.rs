@@ -11,16 +11,16 @@ mod lan9118;
 mod semihosting;
 mod systick;
 
-use core::fmt::Write as _;
-
 use embassy_executor::Spawner;
-use embassy_net::udp::{PacketMetadata, UdpSocket};
-use embassy_net::{Runner, Stack, StackResources};
-use embassy_time::{Duration, Timer};
+use embassy_net::Runner;
 use static_cell::StaticCell;
-use voicemesh_fw_app::{NodeConfig, info, mdns};
+use voicemesh_fw_app::{NodeConfig, info, mdns, net};
 
 use crate::lan9118::Lan9118;
+
+/// Virtual DAC channels (one 8-channel virtual DAC) and voice slots.
+const CV_CHANNELS: u8 = 8;
+const VOICES: u8 = 2;
 
 /// Locally administered MAC used when QEMU left the chip without one.
 const FALLBACK_MAC: [u8; 6] = [0x02, 0x56, 0x4D, 0x00, 0x00, 0x01];
@@ -41,22 +41,7 @@ async fn net_task(mut runner: Runner<'static, Lan9118>) -> ! {
 }
 
 #[embassy_executor::task]
-async fn mdns_task(stack: Stack<'static>, config: &'static NodeConfig, seed: u64) -> ! {
-    static BUFFERS: StaticCell<mdns::MdnsBuffers> = StaticCell::new();
-    let buffers = BUFFERS.init(mdns::MdnsBuffers::new());
-    let advert = mdns::Advert {
-        cv_channels: 8,
-        proto: voicemesh_mcu::PROTOCOL_VERSION,
-    };
-    loop {
-        stack.wait_config_up().await;
-        mdns::run(stack, buffers, config, advert, seed).await;
-        Timer::after(Duration::from_secs(1)).await;
-    }
-}
-
-#[embassy_executor::task]
-async fn boot(spawner: Spawner) {
+async fn boot(spawner: Spawner) -> ! {
     // SAFETY: the AN500 maps its only LAN9118 here and nothing else drives it.
     let dev = match unsafe { Lan9118::new(lan9118::BASE, FALLBACK_MAC) } {
         Ok(d) => d,
@@ -85,44 +70,15 @@ async fn boot(spawner: Spawner) {
         semihosting::exit(2);
     }
     let config: &'static NodeConfig = CONFIG.init(config);
-    let seed = u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0x5A, 0xA5])
-        ^ embassy_time::Instant::now().as_ticks();
-
-    static RESOURCES: StaticCell<StackResources<4>> = StaticCell::new();
-    let (stack, runner) = embassy_net::new(
-        dev,
-        config.net_config(),
-        RESOURCES.init(StackResources::new()),
-        seed,
-    );
+    let seed = net::seed(mac);
+    let (stack, runner) = net::new_stack(dev, config, seed);
     spawner.spawn(net_task(runner).expect("net task"));
-    stack.wait_config_up().await;
-    let addr = stack.config_v4().map(|c| c.address);
-    info!("fw: network up: id={} addr={:?}", config.id, addr);
-    spawner.spawn(mdns_task(stack, config, seed).expect("mdns task"));
-
-    // Stub service until the session lands: echo every datagram back, prefixed with the id.
-    let mut rx_meta = [PacketMetadata::EMPTY; 4];
-    let mut tx_meta = [PacketMetadata::EMPTY; 4];
-    let mut rx_buf = [0u8; 1536];
-    let mut tx_buf = [0u8; 1536];
-    let mut socket = UdpSocket::new(stack, &mut rx_meta, &mut rx_buf, &mut tx_meta, &mut tx_buf);
-    if let Err(e) = socket.bind(config.port) {
-        info!("fw: bind {} failed: {:?}", config.port, e);
-        semihosting::exit(2);
-    }
-    info!("fw: ready on udp port {}", config.port);
-    let mut buf = [0u8; 1024];
-    loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let mut reply: heapless::String<1100> = heapless::String::new();
-        let _ = write!(reply, "{} ", config.id);
-        let text = core::str::from_utf8(&buf[..n]).unwrap_or("?");
-        let _ = reply.push_str(text);
-        let _ = socket.send_to(reply.as_bytes(), from.endpoint).await;
-    }
+    let advert = mdns::Advert {
+        cv_channels: CV_CHANNELS,
+        voices: VOICES,
+        proto: voicemesh_mcu::PROTOCOL_VERSION,
+    };
+    net::run(spawner, stack, config, advert, seed).await
 }
 
 #[panic_handler]
