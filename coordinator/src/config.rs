@@ -391,13 +391,9 @@ mod tests {
             if let Ok(cv) = parse_json::<CvConfig>(&m)
                 && cv.validate().is_ok()
             {
-                let tl = voicemesh_protocol::Timeline::from_milli_bpm(
-                    120_000,
-                    voicemesh_protocol::ClusterTime(0),
-                );
-                let mut r = crate::cv::CvRouter::new(cv, tl, 0).expect("validated");
-                let _ = r.handle_timeout(voicemesh_protocol::ClusterTime(u64::MAX / 2));
-                let _ = r.refresh(voicemesh_protocol::ClusterTime(0));
+                let r = crate::cv::CvRouter::new(cv, 0).expect("validated");
+                let _ = r.assignments("m", u16::MAX);
+                let _ = r.refresh_controls(voicemesh_protocol::ClusterTime(0), "m");
             }
         }
     }

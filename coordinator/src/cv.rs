@@ -1,55 +1,58 @@
-//! The CV router: voices and MIDI sources to control voltages on MCU nodes.
+//! The CV router: which output of which MCU node carries what, and the MIDI controllers those
+//! outputs follow.
 //!
 //! A sans-IO core like the allocator. Its configuration ([`CvConfig`]) says which output — a
-//! (node id, CV channel) pair, [`CvOutput`] — carries what: the pitch, velocity and gate of a
-//! voice slot the allocator hands out on an MCU node ([`CvVoice`]), or a continuous source
-//! ([`CvRoute`]: pitch bend, a CC, channel aftertouch, a clock derived from the [`Timeline`], a
-//! reset pulse at every bar start). Every change comes out as an [`Action`]: the node id and a
-//! [`Message::CvSet`] in microvolts, stamped with the event's cluster time.
+//! (node id, CV channel) pair, [`CvOutput`] — carries what: the pitch, velocity and gate (or
+//! trigger) of a voice slot the allocator hands out on an MCU node ([`CvVoice`]), or a
+//! continuous source ([`CvRoute`]: pitch bend, a CC, channel aftertouch, a clock derived from
+//! the tempo timeline, a reset pulse at every bar start), with a per-output [`Calibration`]
+//! table (volts → DAC code).
 //!
-//! Pitch is 1 V/octave: note `n` is `(n − base_note) / 12` V, plus the channel's pitch bend
-//! scaled by `bend_semitones`. At the same `at`, the pitch `CvSet` is always emitted before the
-//! gate `CvSet`, so an MCU applying them in order never opens a gate on the old pitch.
-//!
-//! Per-channel [`Calibration`] tables map volts to DAC codes, piecewise linear between
-//! measured points; [`CvRouter::dac_code`] applies them. `CvSet` itself carries microvolts;
-//! the MCU side converts with the same table.
+//! The MCU node computes the voltages itself, at each event's cluster time: the router turns
+//! the configuration into one [`CvAssign`] per output ([`CvRouter::assignments`]), the
+//! allocator's `VoiceOn`/`VoiceOff`/`LeaseRenew` reach the MCU's voice slots like any node's, and
+//! MIDI controllers become [`Control`] messages to the MCUs whose outputs follow them
+//! ([`CvRouter::handle_midi`]), stamped `now + lookahead`. Clock and reset pulses come from the
+//! timeline the MCU got in its `Welcome`. Both ends compute with the same integer arithmetic,
+//! `voicemesh_protocol::cv` (1 V/octave pitch, 7/14-bit scaling, calibration), so
+//! [`CvRouter::dac_code`] gives exactly the code the MCU writes for a voltage.
 //!
 //! Call order (the glue does this; nothing here reads a clock):
 //! 1. Build with [`CvRouter::new`] from a validated config; [`CvRouter::set_config`] replaces it
-//!    at run time, [`CvRouter::set_timeline`] follows tempo changes.
-//! 2. Feed every allocator message sent to a node through [`CvRouter::handle_voice_message`]
-//!    (VoiceOn/VoiceOff on a routed voice slot produce pitch, velocity and gate), and MIDI
-//!    controllers through [`CvRouter::handle_pitch_bend`], [`CvRouter::handle_cc`] and
-//!    [`CvRouter::handle_aftertouch`].
-//! 3. Call [`CvRouter::handle_timeout`] at or after [`CvRouter::poll_timeout`] for the clock
-//!    and reset outputs; [`CvRouter::refresh`] re-sends every output's current value.
+//!    at run time (and bumps [`CvRouter::generation`], so the MCU links re-send assignments).
+//! 2. When an MCU joins, and again from time to time, send it [`CvRouter::assignments`].
+//! 3. Feed MIDI controllers through [`CvRouter::handle_midi`] and send the `Control`s it returns;
+//!    [`CvRouter::refresh_controls`] re-sends the last value of every controller a node follows.
 #![deny(clippy::disallowed_methods)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use voicemesh_protocol::{ClusterTime, CvSet, Message, Timeline, VoiceId};
+use voicemesh_protocol::cv::calibrated_code;
+use voicemesh_protocol::{
+    ClusterTime, Control, ControlKind, CvAssign, CvFunction, Message, VoiceId,
+};
 
 use crate::allocator::MidiEvent;
 
-/// Something the glue must send: a `CvSet` to a node — the allocator's action type, so the
+/// Something the glue must send: a message to a node — the allocator's action type, so the
 /// glue sends both through one path.
 pub use crate::allocator::Action;
 
 /// Largest voltage magnitude a route may ask for, in volts (Eurorack rails are ±12 V).
 pub const MAX_VOLTS: f64 = 15.0;
-/// Most points in one calibration table.
-pub const MAX_CAL_POINTS: usize = 256;
+/// Most points in one calibration table (what one `CvAssign` can carry to the MCU).
+pub const MAX_CAL_POINTS: usize = voicemesh_protocol::MAX_CV_CAL_POINTS;
+/// Most CV channels of one MCU node: outputs use channels `0 … MAX_CHANNELS − 1`.
+pub const MAX_CHANNELS: u16 = voicemesh_protocol::MAX_CV_CHANNELS as u16;
+/// Longest glide, in milliseconds.
+pub const MAX_GLIDE_MS: u16 = 10_000;
 /// Most voices, routes and tables in one CV configuration (each).
 pub const MAX_ENTRIES: usize = 256;
 /// Longest trigger or clock pulse, in milliseconds.
 pub const MAX_PULSE_MS: u32 = 1000;
 /// Finest clock resolution, in pulses per quarter note.
 pub const MAX_PPQN: u32 = 96;
-/// Gap between gate low and gate high when a held gate is re-triggered, in nanoseconds.
-pub const RETRIGGER_GAP_NS: u64 = 1_000_000;
-const MICROS_PER_BEAT: i128 = 1_000_000;
 
 /// One CV output: a channel on an MCU node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -113,9 +116,12 @@ pub struct CvVoice {
     /// The note that is 0 V on the pitch output (default 36, C2).
     #[serde(default = "default_base_note")]
     pub base_note: u8,
-    /// Pitch bend range added to the pitch output, in semitones (default 2).
+    /// Pitch bend range added to the pitch output, in whole semitones 0–48 (default 2).
     #[serde(default = "default_bend")]
     pub bend_semitones: f64,
+    /// Portamento of the pitch output from one note to the next, in ms (default 0: jump).
+    #[serde(default)]
+    pub glide_ms: u16,
     /// Gate-high level in volts (default 5).
     #[serde(default = "default_gate_volts")]
     pub gate_volts: f64,
@@ -230,16 +236,17 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> CvConfigError {
     }
 }
 
-/// A validated, piecewise-linear map from volts to DAC codes.
+/// A validated, piecewise-linear map from microvolts to DAC codes (the points of a
+/// [`ChannelCalibration`], in microvolts as the wire carries them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Calibration {
-    points: Vec<CalPoint>,
+    points: Vec<voicemesh_protocol::CalPoint>,
 }
 
 impl Calibration {
-    /// Checks a table: 2–256 points, finite volts within ±[`MAX_VOLTS`], volts strictly
-    /// increasing (unsorted or duplicate points are refused, not sorted), codes strictly
-    /// increasing or strictly decreasing. `field` names the table in errors.
+    /// Checks a table: 2–16 points, finite volts within ±[`MAX_VOLTS`], volts strictly
+    /// increasing to the microvolt (unsorted or duplicate points are refused, not sorted),
+    /// codes strictly increasing or strictly decreasing. `field` names the table in errors.
     pub fn new(points: &[CalPoint], field: &str) -> Result<Self, CvConfigError> {
         if points.len() < 2 {
             return Err(err(field, "a calibration table needs at least 2 points"));
@@ -250,22 +257,23 @@ impl Calibration {
                 format!("at most {MAX_CAL_POINTS} points per table"),
             ));
         }
+        let mut wire = Vec::with_capacity(points.len());
         for (i, p) in points.iter().enumerate() {
-            if !p.volts.is_finite() || p.volts.abs() > MAX_VOLTS {
-                return Err(err(
-                    format!("{field}[{i}].volts"),
-                    format!("must be a finite number within ±{MAX_VOLTS} V"),
-                ));
-            }
+            check_volts(p.volts, &format!("{field}[{i}].volts"))?;
+            wire.push(voicemesh_protocol::CalPoint {
+                microvolts: uv(p.volts),
+                code: p.code,
+            });
         }
         let rising = points[1].code > points[0].code;
-        for (i, w) in points.windows(2).enumerate() {
-            if w[1].volts <= w[0].volts {
+        for (i, w) in wire.windows(2).enumerate() {
+            if w[1].microvolts <= w[0].microvolts {
                 return Err(err(
                     format!("{field}[{}].volts", i + 1),
                     format!(
                         "points must be sorted by volts with no duplicates ({} V after {} V)",
-                        w[1].volts, w[0].volts
+                        points[i + 1].volts,
+                        points[i].volts
                     ),
                 ));
             }
@@ -276,31 +284,20 @@ impl Calibration {
                 ));
             }
         }
-        Ok(Calibration {
-            points: points.to_vec(),
-        })
+        Ok(Calibration { points: wire })
     }
 
-    /// The DAC code for `volts`: linear between neighbouring points, clamped to the table's
-    /// first and last code outside it (a DAC cannot go beyond what was measured). NaN gives the
-    /// first point's code.
-    pub fn code(&self, volts: f64) -> i32 {
-        let (first, last) = (self.points[0], self.points[self.points.len() - 1]);
-        if volts.is_nan() || volts <= first.volts {
-            return first.code;
-        }
-        if volts >= last.volts {
-            return last.code;
-        }
-        let i = self.points.partition_point(|p| p.volts <= volts);
-        let (a, b) = (self.points[i - 1], self.points[i]);
-        if volts == a.volts {
-            return a.code;
-        }
-        let f = (volts - a.volts) / (b.volts - a.volts);
-        let code = f64::from(a.code) + f * (f64::from(b.code) - f64::from(a.code));
-        // Between two i32 codes, so the cast cannot saturate.
-        code.round() as i32
+    /// The DAC code for `microvolts`: linear between neighbouring points, clamped to the
+    /// table's first and last code outside it (a DAC cannot go beyond what was measured) —
+    /// `voicemesh_protocol::cv::calibrated_code`, the function the MCU uses.
+    pub fn code(&self, microvolts: i32) -> i32 {
+        // The table was checked in `new`, so the shared function always has an answer.
+        calibrated_code(&self.points, microvolts).unwrap_or(self.points[0].code)
+    }
+
+    /// The points as the wire carries them.
+    pub fn points(&self) -> &[voicemesh_protocol::CalPoint] {
+        &self.points
     }
 }
 
@@ -309,6 +306,12 @@ fn check_output(o: &CvOutput, field: &str) -> Result<(), CvConfigError> {
         return Err(err(
             format!("{field}.node"),
             "a node id of 1–32 bytes is required",
+        ));
+    }
+    if o.channel >= MAX_CHANNELS {
+        return Err(err(
+            format!("{field}.channel"),
+            format!("must be 0–{}", MAX_CHANNELS - 1),
         ));
     }
     Ok(())
@@ -386,8 +389,17 @@ impl CvConfig {
             if v.base_note > 127 {
                 return Err(err(format!("{f}.base_note"), "must be 0–127"));
             }
-            if !v.bend_semitones.is_finite() || !(0.0..=48.0).contains(&v.bend_semitones) {
-                return Err(err(format!("{f}.bend_semitones"), "must be 0–48"));
+            if !(0.0..=48.0).contains(&v.bend_semitones) || v.bend_semitones.fract() != 0.0 {
+                return Err(err(
+                    format!("{f}.bend_semitones"),
+                    "must be a whole number of semitones, 0–48",
+                ));
+            }
+            if v.glide_ms > MAX_GLIDE_MS {
+                return Err(err(
+                    format!("{f}.glide_ms"),
+                    format!("must be 0–{MAX_GLIDE_MS}"),
+                ));
             }
             check_volts(v.gate_volts, &format!("{f}.gate_volts"))?;
             check_volts(v.velocity_volts, &format!("{f}.velocity_volts"))?;
@@ -457,52 +469,49 @@ impl CvConfig {
     }
 }
 
-/// What a routed voice is playing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Playing {
-    note: u8,
-    channel: u8,
+/// A MIDI controller an output can follow: (kind, MIDI channel, controller number).
+type ControlKey = (ControlKindKey, u8, u8);
+
+/// [`ControlKind`] as an ordered map key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ControlKindKey {
+    PitchBend,
+    Cc,
+    Aftertouch,
 }
 
-/// The per-pulse state of a clock or reset route.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PulseState {
-    /// Index of the next pulse to schedule (counted from micro-beat 0 of the timeline).
-    next: i64,
+impl ControlKindKey {
+    fn wire(self) -> ControlKind {
+        match self {
+            ControlKindKey::PitchBend => ControlKind::PitchBend,
+            ControlKindKey::Cc => ControlKind::Cc,
+            ControlKindKey::Aftertouch => ControlKind::Aftertouch,
+        }
+    }
 }
 
-/// Routes voices and MIDI sources to CV outputs. See the module docs for the call order.
+/// Turns the CV configuration into assignments and MIDI controllers into `Control`s. See the
+/// module docs for the call order.
 #[derive(Debug)]
 pub struct CvRouter {
     cfg: CvConfig,
     cal: BTreeMap<CvOutput, Calibration>,
-    timeline: Timeline,
     lookahead_ns: u64,
-    /// Current value of every output written so far, in microvolts.
-    values: BTreeMap<CvOutput, i32>,
-    playing: BTreeMap<(String, VoiceId), Playing>,
-    /// Pitch bend per MIDI channel, −8192..=8191.
-    bend: [i16; 16],
-    pulses: BTreeMap<usize, PulseState>,
+    generation: u64,
+    /// Last value of every controller some output follows, and the `at` it was sent with.
+    controls: BTreeMap<ControlKey, (u16, ClusterTime)>,
 }
 
 impl CvRouter {
-    /// A router for `cfg` (checked with [`CvConfig::validate`]), clock outputs following
-    /// `timeline`, events stamped `now + lookahead_ns`.
-    pub fn new(
-        cfg: CvConfig,
-        timeline: Timeline,
-        lookahead_ns: u64,
-    ) -> Result<Self, CvConfigError> {
+    /// A router for `cfg` (checked with [`CvConfig::validate`]), events stamped
+    /// `now + lookahead_ns`.
+    pub fn new(cfg: CvConfig, lookahead_ns: u64) -> Result<Self, CvConfigError> {
         let mut r = CvRouter {
             cfg: CvConfig::default(),
             cal: BTreeMap::new(),
-            timeline,
             lookahead_ns,
-            values: BTreeMap::new(),
-            playing: BTreeMap::new(),
-            bend: [0; 16],
-            pulses: BTreeMap::new(),
+            generation: 0,
+            controls: BTreeMap::new(),
         };
         r.set_config(cfg)?;
         Ok(r)
@@ -513,9 +522,13 @@ impl CvRouter {
         &self.cfg
     }
 
-    /// Replaces the configuration (validated first; on error nothing changes). Voices that are
-    /// playing keep playing on their new outputs at the next event; outputs no longer routed
-    /// keep their last value. Clocks restart from the next pulse after the last `now` seen.
+    /// Counts configuration changes: the MCU links re-send assignments when it moves.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Replaces the configuration (validated first; on error nothing changes). The MCUs get
+    /// the new assignments from their links; voices keep playing.
     pub fn set_config(&mut self, cfg: CvConfig) -> Result<(), CvConfigError> {
         cfg.validate()?;
         let mut cal = BTreeMap::new();
@@ -525,360 +538,242 @@ impl CvRouter {
         }
         self.cal = cal;
         self.cfg = cfg;
-        self.pulses.clear();
-        let known: Vec<CvOutput> = self.outputs().cloned().collect();
-        self.values.retain(|o, _| known.contains(o));
+        self.generation += 1;
         Ok(())
     }
 
-    /// Follows a tempo change; clock outputs re-align from the next call.
-    pub fn set_timeline(&mut self, timeline: Timeline) {
-        self.timeline = timeline;
-        self.pulses.clear();
-    }
-
-    /// The DAC code for `microvolts` on `output`, through its calibration table; `None`
-    /// without a table.
+    /// The DAC code for `microvolts` on `output`, through its calibration table (the code the
+    /// MCU writes); `None` without a table (the MCU then uses its DAC's nominal line).
     pub fn dac_code(&self, output: &CvOutput, microvolts: i32) -> Option<i32> {
-        self.cal
-            .get(output)
-            .map(|c| c.code(f64::from(microvolts) / 1e6))
+        self.cal.get(output).map(|c| c.code(microvolts))
     }
 
-    /// The value last written to `output`, in microvolts.
-    pub fn value(&self, output: &CvOutput) -> Option<i32> {
-        self.values.get(output).copied()
+    /// Every node an output of the configuration is on.
+    pub fn nodes(&self) -> BTreeSet<&str> {
+        self.outputs().map(|(o, _)| o.node.as_str()).collect()
     }
 
-    fn outputs(&self) -> impl Iterator<Item = &CvOutput> {
-        self.cfg
-            .voices
-            .iter()
-            .flat_map(|v| [&v.pitch, &v.velocity, &v.gate])
-            .flatten()
-            .chain(self.cfg.routes.iter().map(|r| &r.output))
-    }
-
-    fn at(&self, now: ClusterTime) -> ClusterTime {
-        ClusterTime(now.0.saturating_add(self.lookahead_ns))
-    }
-
-    fn set(&mut self, out: &mut Vec<Action>, o: &CvOutput, microvolts: i32, at: ClusterTime) {
-        self.values.insert(o.clone(), microvolts);
-        out.push((
-            o.node.as_str().into(),
-            Message::CvSet(CvSet {
-                channel: o.channel,
-                microvolts,
-                at,
-            }),
-        ));
-    }
-
-    fn pitch_uv(&self, v: &CvVoice, p: Playing) -> i32 {
-        let bend = f64::from(self.bend[usize::from(p.channel & 15)]) / 8192.0;
-        let semis = f64::from(i32::from(p.note) - i32::from(v.base_note)) + bend * v.bend_semitones;
-        uv(semis / 12.0)
-    }
-
-    /// Feeds one allocator message sent to `node`: a `VoiceOn` of a routed voice slot writes
-    /// pitch, then velocity, then gate at the event's `at`; a `VoiceOff` drops a held gate.
-    /// Other messages and unrouted slots produce nothing.
-    #[must_use]
-    pub fn handle_voice_message(&mut self, node: &str, msg: &Message) -> Vec<Action> {
-        let mut out = Vec::new();
-        match msg {
-            Message::VoiceOn(on) => {
-                let Some(v) = self.voice(node, on.voice).cloned() else {
-                    return out;
+    /// Every configured output and the assignment it gets (calibration still empty).
+    fn outputs(&self) -> impl Iterator<Item = (&CvOutput, CvAssign)> {
+        let voices = self.cfg.voices.iter().flat_map(|v| {
+            let base = CvAssign {
+                voice: v.voice,
+                ..off(0)
+            };
+            let pitch = v.pitch.as_ref().map(|o| {
+                let a = CvAssign {
+                    function: CvFunction::Pitch,
+                    base_note: v.base_note,
+                    // Validated: a whole number 0–48.
+                    bend_semitones: v.bend_semitones as u8,
+                    glide_ms: v.glide_ms,
+                    ..base.clone()
                 };
-                let p = Playing {
-                    note: on.note,
-                    channel: on.channel,
+                (o, a)
+            });
+            let velocity = v.velocity.as_ref().map(|o| {
+                let a = CvAssign {
+                    function: CvFunction::Velocity,
+                    max_uv: uv(v.velocity_volts),
+                    ..base.clone()
                 };
-                let was_held = self
-                    .playing
-                    .insert((node.to_owned(), on.voice), p)
-                    .is_some();
-                if let Some(o) = &v.pitch {
-                    let uv = self.pitch_uv(&v, p);
-                    self.set(&mut out, o, uv, on.at);
-                }
-                if let Some(o) = &v.velocity {
-                    let uv = uv(f64::from(on.velocity.min(127)) / 127.0 * v.velocity_volts);
-                    self.set(&mut out, o, uv, on.at);
-                }
-                if let Some(o) = &v.gate {
-                    let high = uv(v.gate_volts);
-                    match v.gate_mode {
-                        GateMode::Gate => {
-                            let gate_high = self.values.get(o).is_some_and(|&x| x != 0);
-                            if was_held || gate_high {
-                                self.set(&mut out, o, 0, on.at);
-                                self.set(
-                                    &mut out,
-                                    o,
-                                    high,
-                                    on.at.add_nanos(RETRIGGER_GAP_NS as i64),
-                                );
-                            } else {
-                                self.set(&mut out, o, high, on.at);
-                            }
-                        }
-                        GateMode::Trigger { ms } => {
-                            self.set(&mut out, o, high, on.at);
-                            self.set(&mut out, o, 0, on.at.add_nanos(i64::from(ms) * 1_000_000));
-                        }
+                (o, a)
+            });
+            let gate = v.gate.as_ref().map(|o| {
+                let (function, pulse_ms) = match v.gate_mode {
+                    GateMode::Gate => (CvFunction::Gate, 0),
+                    GateMode::Trigger { ms } => (CvFunction::Trigger, ms),
+                };
+                let a = CvAssign {
+                    function,
+                    max_uv: uv(v.gate_volts),
+                    // Validated: at most MAX_PULSE_MS.
+                    pulse_ms: pulse_ms as u16,
+                    ..base.clone()
+                };
+                (o, a)
+            });
+            [pitch, velocity, gate].into_iter().flatten()
+        });
+        let routes = self.cfg.routes.iter().map(|r| {
+            let base = CvAssign {
+                min_uv: uv(r.min_volts),
+                max_uv: uv(r.max_volts),
+                ..off(0)
+            };
+            let a = match r.source {
+                CvSource::PitchBend { channel } => CvAssign {
+                    function: CvFunction::PitchBend,
+                    midi_channel: channel,
+                    ..base
+                },
+                CvSource::Cc { channel, cc } => CvAssign {
+                    function: CvFunction::Cc,
+                    midi_channel: channel,
+                    param: u16::from(cc),
+                    ..base
+                },
+                CvSource::Aftertouch { channel } => CvAssign {
+                    function: CvFunction::Aftertouch,
+                    midi_channel: channel,
+                    ..base
+                },
+                // Validated: ppqn ≤ 96, beats per bar ≤ 64, pulses ≤ 1000 ms.
+                CvSource::Clock { ppqn, pulse_ms } => CvAssign {
+                    function: CvFunction::Clock,
+                    param: ppqn as u16,
+                    pulse_ms: pulse_ms as u16,
+                    ..base
+                },
+                CvSource::Reset {
+                    beats_per_bar,
+                    pulse_ms,
+                } => CvAssign {
+                    function: CvFunction::Reset,
+                    param: beats_per_bar as u16,
+                    pulse_ms: pulse_ms as u16,
+                    ..base
+                },
+            };
+            (&r.output, a)
+        });
+        voices.chain(routes)
+    }
+
+    /// What each of `node`'s first `channels` outputs does: one `CvAssign` per channel, channel 0
+    /// first, `off` where nothing is routed, each with its calibration table. At most
+    /// [`MAX_CHANNELS`].
+    pub fn assignments(&self, node: &str, channels: u16) -> Vec<CvAssign> {
+        let channels = channels.min(MAX_CHANNELS);
+        let mut out: Vec<CvAssign> = (0..channels).map(off).collect();
+        for (o, a) in self.outputs().filter(|(o, _)| o.node == node) {
+            if let Some(slot) = out.get_mut(usize::from(o.channel)) {
+                *slot = CvAssign {
+                    channel: o.channel,
+                    ..a
+                };
+            }
+        }
+        for a in &mut out {
+            let o = CvOutput {
+                node: node.to_owned(),
+                channel: a.channel,
+            };
+            if let Some(c) = self.cal.get(&o) {
+                // A validated table has at most MAX_CAL_POINTS = the wire's capacity.
+                a.calibration = c.points().iter().copied().take(MAX_CAL_POINTS).collect();
+            }
+        }
+        out
+    }
+
+    /// Whether an output on `node` follows controller `key`: pitch bend moves every pitch
+    /// output (the MCU applies a voice's channel's bend) and the bend routes of its channel;
+    /// CCs and aftertouch their routes.
+    fn follows(&self, node: &str, key: ControlKey) -> bool {
+        self.outputs().any(|(o, a)| {
+            o.node == node
+                && match (key.0, a.function) {
+                    (ControlKindKey::PitchBend, CvFunction::Pitch) => true,
+                    (ControlKindKey::PitchBend, CvFunction::PitchBend)
+                    | (ControlKindKey::Aftertouch, CvFunction::Aftertouch) => {
+                        a.midi_channel == key.1
                     }
+                    (ControlKindKey::Cc, CvFunction::Cc) => {
+                        a.midi_channel == key.1 && a.param == u16::from(key.2)
+                    }
+                    _ => false,
                 }
-            }
-            Message::VoiceOff(off) => {
-                let Some(v) = self.voice(node, off.voice).cloned() else {
-                    return out;
-                };
-                self.playing.remove(&(node.to_owned(), off.voice));
-                if let (Some(o), GateMode::Gate) = (&v.gate, v.gate_mode) {
-                    self.set(&mut out, o, 0, off.at);
-                }
-            }
-            _ => {}
-        }
-        out
+        })
     }
 
-    fn voice(&self, node: &str, voice: VoiceId) -> Option<&CvVoice> {
-        self.cfg
-            .voices
-            .iter()
-            .find(|v| v.node == node && v.voice == voice)
-    }
-
-    /// Pitch bend on `channel` (0–15), `value` −8192..=8191 (clamped): updates bend routes and
-    /// the pitch of every routed voice playing on that channel.
-    #[must_use]
-    pub fn handle_pitch_bend(&mut self, now: ClusterTime, channel: u8, value: i16) -> Vec<Action> {
-        let mut out = Vec::new();
-        let ch = channel & 15;
-        let value = value.clamp(-8192, 8191);
-        self.bend[usize::from(ch)] = value;
-        let at = self.at(now);
-        let frac = (f64::from(value) + 8192.0) / 16383.0;
-        self.continuous(
-            &mut out,
+    fn control(key: ControlKey, value: u16, at: ClusterTime) -> Message {
+        Message::Control(Control {
+            midi_channel: key.1,
+            kind: key.0.wire(),
+            number: key.2,
+            value,
             at,
-            frac,
-            |s| matches!(s, CvSource::PitchBend { channel } if channel == ch),
-        );
-        let voices: Vec<(CvVoice, Playing)> = self
-            .playing
-            .iter()
-            .filter(|(_, p)| p.channel == ch)
-            .filter_map(|((n, id), p)| self.voice(n, *id).map(|v| (v.clone(), *p)))
-            .collect();
-        for (v, p) in voices {
-            if let Some(o) = &v.pitch {
-                let uv = self.pitch_uv(&v, p);
-                self.set(&mut out, o, uv, at);
-            }
-        }
-        out
+        })
     }
 
     /// One MIDI event from the input, as the allocator gets it: pitch bend, control changes and
-    /// channel aftertouch drive their routes; notes reach CV voices through the allocator's
-    /// messages ([`handle_voice_message`](Self::handle_voice_message)), other events are
-    /// ignored here.
+    /// channel aftertouch become a [`Control`] at `now + lookahead` for every MCU node with an
+    /// output that follows them. Notes reach MCU voice slots through the allocator; other
+    /// events are ignored here.
     #[must_use]
     pub fn handle_midi(&mut self, now: ClusterTime, ev: &MidiEvent) -> Vec<Action> {
-        match *ev {
-            MidiEvent::PitchBend { channel, value } => self.handle_pitch_bend(now, channel, value),
+        let (key, value) = match *ev {
+            MidiEvent::PitchBend { channel, value } => (
+                (ControlKindKey::PitchBend, channel & 15, 0),
+                // −8192 … 8191 → the 14-bit wire value 0 … 16383.
+                (i32::from(value).clamp(-8192, 8191) + 8192) as u16,
+            ),
             MidiEvent::ControlChange {
                 channel,
                 controller,
                 value,
-            } => self.handle_cc(now, channel, controller, value),
-            MidiEvent::ChannelPressure { channel, value } => {
-                self.handle_aftertouch(now, channel, value)
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    /// Control change `cc` = `value` (0–127, clamped) on `channel`.
-    #[must_use]
-    pub fn handle_cc(&mut self, now: ClusterTime, channel: u8, cc: u8, value: u8) -> Vec<Action> {
-        let mut out = Vec::new();
-        let at = self.at(now);
-        let frac = f64::from(value.min(127)) / 127.0;
-        self.continuous(
-            &mut out,
-            at,
-            frac,
-            |s| matches!(s, CvSource::Cc { channel: c, cc: n } if c == channel & 15 && n == cc),
-        );
-        out
-    }
-
-    /// Channel aftertouch `value` (0–127, clamped) on `channel`.
-    #[must_use]
-    pub fn handle_aftertouch(&mut self, now: ClusterTime, channel: u8, value: u8) -> Vec<Action> {
-        let mut out = Vec::new();
-        let at = self.at(now);
-        let frac = f64::from(value.min(127)) / 127.0;
-        self.continuous(
-            &mut out,
-            at,
-            frac,
-            |s| matches!(s, CvSource::Aftertouch { channel: c } if c == channel & 15),
-        );
-        out
-    }
-
-    fn continuous(
-        &mut self,
-        out: &mut Vec<Action>,
-        at: ClusterTime,
-        frac: f64,
-        pick: impl Fn(CvSource) -> bool,
-    ) {
-        let hits: Vec<CvRoute> = self
-            .cfg
-            .routes
-            .iter()
-            .filter(|r| pick(r.source))
-            .cloned()
+            } => (
+                (ControlKindKey::Cc, channel & 15, controller & 127),
+                u16::from(value.min(127)),
+            ),
+            MidiEvent::ChannelPressure { channel, value } => (
+                (ControlKindKey::Aftertouch, channel & 15, 0),
+                u16::from(value.min(127)),
+            ),
+            _ => return Vec::new(),
+        };
+        let at = ClusterTime(now.0.saturating_add(self.lookahead_ns));
+        let nodes: Vec<String> = self
+            .nodes()
+            .into_iter()
+            .filter(|n| self.follows(n, key))
+            .map(str::to_owned)
             .collect();
-        for r in hits {
-            let v = r.min_volts + frac * (r.max_volts - r.min_volts);
-            self.set(out, &r.output, uv(v), at);
+        if nodes.is_empty() {
+            return Vec::new();
         }
+        self.controls.insert(key, (value, at));
+        nodes
+            .into_iter()
+            .map(|n| (n, Self::control(key, value, at)))
+            .collect()
     }
 
-    /// Micro-beat position of pulse `k` of a route with `per_beat_num / per_beat_den` pulses
-    /// per beat.
-    fn pulse_time(&self, k: i64, num: i64, den: i64) -> ClusterTime {
-        let micro = (i128::from(k) * MICROS_PER_BEAT * i128::from(den)).div_euclid(i128::from(num));
-        let micro = micro.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
-        self.timeline.time_at_micro_beats(micro)
-    }
-
-    fn pulse_rate(s: CvSource) -> Option<(i64, i64, u32)> {
-        match s {
-            CvSource::Clock { ppqn, pulse_ms } => Some((i64::from(ppqn), 1, pulse_ms)),
-            CvSource::Reset {
-                beats_per_bar,
-                pulse_ms,
-            } => Some((1, i64::from(beats_per_bar), pulse_ms)),
-            _ => None,
-        }
-    }
-
-    /// Index of the first pulse at or after `t`.
-    fn first_pulse_from(&self, t: ClusterTime, num: i64, den: i64) -> i64 {
-        let micro = i128::from(self.timeline.micro_beats_at(t));
-        // Pulses per micro-beat = num / (den · 10⁶): ceil(micro · num / (den · 10⁶)).
-        let d = i128::from(den) * MICROS_PER_BEAT;
-        let k = (micro * i128::from(num) + d - 1).div_euclid(d);
-        let mut k = k.clamp(i128::from(i64::MIN / 2), i128::from(i64::MAX / 2)) as i64;
-        while self.pulse_time(k, num, den) < t {
-            k += 1;
-        }
-        k
-    }
-
-    /// Emits every clock and reset pulse due up to `now + lookahead`, each `CvSet` stamped
-    /// with the pulse's exact timeline time (high, then low `pulse_ms` later).
+    /// The last value of every controller an output of `node` follows, stamped
+    /// `now + lookahead` or with its own `at` if that is later (a refresh never brings a change
+    /// forward). For an MCU that restarted or lost a datagram.
     #[must_use]
-    pub fn handle_timeout(&mut self, now: ClusterTime) -> Vec<Action> {
-        let mut out = Vec::new();
-        let horizon = self.at(now);
-        for i in 0..self.cfg.routes.len() {
-            let r = self.cfg.routes[i].clone();
-            let Some((num, den, pulse_ms)) = Self::pulse_rate(r.source) else {
-                continue;
-            };
-            let mut k = match self.pulses.get(&i) {
-                Some(s) => s.next,
-                None => self.first_pulse_from(horizon, num, den),
-            };
-            // Never more than one bar of catch-up: a stalled glue skips missed pulses.
-            let mut budget = 4 * MAX_PPQN as usize;
-            loop {
-                let t = self.pulse_time(k, num, den);
-                if t > horizon {
-                    break;
-                }
-                if budget == 0 {
-                    k = self.first_pulse_from(horizon, num, den);
-                    break;
-                }
-                budget -= 1;
-                if t.0 >= now.0 {
-                    self.set(&mut out, &r.output, uv(r.max_volts), t);
-                    let low = t.add_nanos(i64::from(pulse_ms) * 1_000_000);
-                    self.set(&mut out, &r.output, uv(r.min_volts), low);
-                }
-                k += 1;
-            }
-            self.pulses.insert(i, PulseState { next: k });
-        }
-        out
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) wants to be called next: `lookahead`
-    /// before the next pulse, or `None` without clock or reset routes.
-    pub fn poll_timeout(&self, now: ClusterTime) -> Option<ClusterTime> {
-        self.cfg
-            .routes
+    pub fn refresh_controls(&self, now: ClusterTime, node: &str) -> Vec<Message> {
+        let soonest = ClusterTime(now.0.saturating_add(self.lookahead_ns));
+        self.controls
             .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let (num, den, _) = Self::pulse_rate(r.source)?;
-                let k = match self.pulses.get(&i) {
-                    Some(s) => s.next,
-                    None => self.first_pulse_from(self.at(now), num, den),
-                };
-                let t = self.pulse_time(k, num, den);
-                Some(ClusterTime(t.0.saturating_sub(self.lookahead_ns)))
-            })
-            .min()
-    }
-
-    /// Re-sends the current value of every output written so far (for MCUs that restarted or
-    /// lost datagrams), stamped `now + lookahead`, pitch outputs first.
-    #[must_use]
-    pub fn refresh(&mut self, now: ClusterTime) -> Vec<Action> {
-        let at = self.at(now);
-        let pitches: Vec<&CvOutput> = self
-            .cfg
-            .voices
-            .iter()
-            .filter_map(|v| v.pitch.as_ref())
-            .collect();
-        let mut first = Vec::new();
-        let mut rest = Vec::new();
-        for (o, &microvolts) in &self.values {
-            let a = (
-                o.node.as_str().into(),
-                Message::CvSet(CvSet {
-                    channel: o.channel,
-                    microvolts,
-                    at,
-                }),
-            );
-            if pitches.contains(&o) {
-                first.push(a);
-            } else {
-                rest.push(a);
-            }
-        }
-        first.extend(rest);
-        first
+            .filter(|(k, _)| self.follows(node, **k))
+            .map(|(&k, &(value, at))| Self::control(k, value, at.max(soonest)))
+            .collect()
     }
 }
 
-/// Volts to microvolts, rounded; the inputs are validated to ±[`MAX_VOLTS`] plus bends, so
-/// the cast never saturates in practice (and saturates rather than wraps if it did).
+/// An output that is not driven (`off`, resting at 0 V), every other field 0.
+fn off(channel: u16) -> CvAssign {
+    CvAssign {
+        channel,
+        function: CvFunction::Off,
+        voice: 0,
+        midi_channel: 0,
+        param: 0,
+        min_uv: 0,
+        max_uv: 0,
+        base_note: 0,
+        bend_semitones: 0,
+        glide_ms: 0,
+        pulse_ms: 0,
+        calibration: heapless::Vec::new(),
+    }
+}
+
+/// Volts to microvolts, rounded; the inputs are validated to ±[`MAX_VOLTS`], so the cast
+/// never saturates.
 fn uv(volts: f64) -> i32 {
     (volts * 1e6).round() as i32
 }
@@ -887,7 +782,6 @@ fn uv(volts: f64) -> i32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use voicemesh_protocol::{VoiceOff, VoiceOn};
 
     fn out(node: &str, channel: u16) -> CvOutput {
         CvOutput {
@@ -906,237 +800,270 @@ mod tests {
             gate_mode,
             base_note: 36,
             bend_semitones: 2.0,
+            glide_ms: 0,
             gate_volts: 5.0,
             velocity_volts: 5.0,
         }
     }
 
+    fn route(source: CvSource, channel: u16, min_volts: f64, max_volts: f64) -> CvRoute {
+        CvRoute {
+            source,
+            output: out("mcu", channel),
+            min_volts,
+            max_volts,
+        }
+    }
+
     fn router(cfg: CvConfig) -> CvRouter {
-        let tl = Timeline::from_milli_bpm(120_000, ClusterTime(0));
-        CvRouter::new(cfg, tl, 5_000_000).expect("valid config")
+        CvRouter::new(cfg, 5_000_000).expect("valid config")
     }
 
-    fn on(note: u8, at: u64) -> Message {
-        Message::VoiceOn(VoiceOn {
-            voice: 0,
-            note,
-            velocity: 127,
-            channel: 0,
-            at: ClusterTime(at),
-            lease_until: ClusterTime(at + 1_000_000_000),
-        })
-    }
-
-    fn sets(a: &[Action]) -> Vec<(u16, i32, u64)> {
-        a.iter()
-            .map(|(_, m)| match m {
-                Message::CvSet(c) => (c.channel, c.microvolts, c.at.0),
-                other => panic!("not a CvSet: {other:?}"),
-            })
+    fn cal(points: &[(f64, i32)]) -> Vec<CalPoint> {
+        points
+            .iter()
+            .map(|&(volts, code)| CalPoint { volts, code })
             .collect()
     }
 
+    fn full() -> CvConfig {
+        CvConfig {
+            voices: vec![CvVoice {
+                glide_ms: 40,
+                ..voice(GateMode::Trigger { ms: 10 })
+            }],
+            routes: vec![
+                route(CvSource::Cc { channel: 2, cc: 74 }, 3, 0.0, 10.0),
+                route(CvSource::Aftertouch { channel: 1 }, 4, 0.0, 5.0),
+                route(CvSource::PitchBend { channel: 0 }, 5, -5.0, 5.0),
+                route(
+                    CvSource::Clock {
+                        ppqn: 24,
+                        pulse_ms: 5,
+                    },
+                    6,
+                    0.0,
+                    5.0,
+                ),
+                route(
+                    CvSource::Reset {
+                        beats_per_bar: 4,
+                        pulse_ms: 7,
+                    },
+                    7,
+                    0.0,
+                    5.0,
+                ),
+            ],
+            calibration: vec![ChannelCalibration {
+                output: out("mcu", 0),
+                points: cal(&[(-5.0, 0), (0.0, 2048), (5.0, 4095)]),
+            }],
+        }
+    }
+
     #[test]
-    fn pitch_before_gate_one_volt_per_octave() {
-        let mut r = router(CvConfig {
-            voices: vec![voice(GateMode::Gate)],
-            ..Default::default()
-        });
-        let a = r.handle_voice_message("mcu", &on(48, 100));
-        assert!(a.iter().all(|(n, _)| &**n == "mcu"));
+    fn assignments_say_what_every_channel_does() {
+        let r = router(full());
+        let a = r.assignments("mcu", 10);
+        assert_eq!(a.len(), 10);
+        assert!(
+            a.iter()
+                .enumerate()
+                .all(|(i, a)| usize::from(a.channel) == i)
+        );
+        let f: Vec<CvFunction> = a.iter().map(|a| a.function).collect();
+        use CvFunction::*;
         assert_eq!(
-            sets(&a),
+            f,
             vec![
-                (0, 1_000_000, 100),
-                (1, 5_000_000, 100),
-                (2, 5_000_000, 100)
+                Pitch, Velocity, Trigger, Cc, Aftertouch, PitchBend, Clock, Reset, Off, Off
             ]
         );
-        // Another node's voice 0 is not routed.
-        assert!(r.handle_voice_message("other", &on(48, 100)).is_empty());
-        let off = Message::VoiceOff(VoiceOff {
-            voice: 0,
-            at: ClusterTime(200),
-        });
         assert_eq!(
-            sets(&r.handle_voice_message("mcu", &off)),
-            vec![(2, 0, 200)]
+            (
+                a[0].voice,
+                a[0].base_note,
+                a[0].bend_semitones,
+                a[0].glide_ms
+            ),
+            (0, 36, 2, 40)
         );
-        // Semitone steps: 1/12 V, rounded to the microvolt; below the base note is negative.
-        let a = r.handle_voice_message("mcu", &on(37, 300));
-        assert_eq!(sets(&a)[0], (0, 83_333, 300));
-        let a = r.handle_voice_message("mcu", &on(24, 400));
-        assert_eq!(sets(&a)[0], (0, -1_000_000, 400));
-    }
-
-    #[test]
-    fn held_gate_retriggers_and_trigger_mode_pulses() {
-        let mut r = router(CvConfig {
+        assert_eq!(
+            a[0].calibration.as_slice(),
+            &[
+                voicemesh_protocol::CalPoint {
+                    microvolts: -5_000_000,
+                    code: 0
+                },
+                voicemesh_protocol::CalPoint {
+                    microvolts: 0,
+                    code: 2048
+                },
+                voicemesh_protocol::CalPoint {
+                    microvolts: 5_000_000,
+                    code: 4095
+                },
+            ]
+        );
+        assert_eq!((a[1].min_uv, a[1].max_uv), (0, 5_000_000));
+        assert_eq!((a[2].max_uv, a[2].pulse_ms), (5_000_000, 10));
+        assert_eq!(
+            (a[3].midi_channel, a[3].param, a[3].max_uv),
+            (2, 74, 10_000_000)
+        );
+        assert_eq!(a[4].midi_channel, 1);
+        assert_eq!((a[5].min_uv, a[5].max_uv), (-5_000_000, 5_000_000));
+        assert_eq!((a[6].param, a[6].pulse_ms), (24, 5));
+        assert_eq!((a[7].param, a[7].pulse_ms), (4, 7));
+        assert!(a[1..].iter().all(|a| a.calibration.is_empty()));
+        // Gate mode and another node.
+        let r = router(CvConfig {
             voices: vec![voice(GateMode::Gate)],
             ..Default::default()
         });
-        let _ = r.handle_voice_message("mcu", &on(60, 0));
-        let a = sets(&r.handle_voice_message("mcu", &on(62, 1000)));
-        assert_eq!(a[2], (2, 0, 1000));
-        assert_eq!(a[3], (2, 5_000_000, 1000 + RETRIGGER_GAP_NS));
-
-        let mut r = router(CvConfig {
-            voices: vec![voice(GateMode::Trigger { ms: 10 })],
-            ..Default::default()
-        });
-        let a = sets(&r.handle_voice_message("mcu", &on(60, 0)));
-        assert_eq!(&a[2..], &[(2, 5_000_000, 0), (2, 0, 10_000_000)]);
-        let off = Message::VoiceOff(VoiceOff {
-            voice: 0,
-            at: ClusterTime(1),
-        });
-        assert!(r.handle_voice_message("mcu", &off).is_empty());
+        assert_eq!(r.assignments("mcu", 3)[2].function, Gate);
+        assert!(r.assignments("other", 4).iter().all(|a| a.function == Off));
+        // Fewer channels than routed: the rest is not sent; never more than the wire carries.
+        assert_eq!(r.assignments("mcu", 1).len(), 1);
+        assert_eq!(r.assignments("mcu", u16::MAX).len(), 32);
     }
 
     #[test]
-    fn bend_cc_and_aftertouch_routes() {
-        let mut r = router(CvConfig {
-            voices: vec![voice(GateMode::Gate)],
-            routes: vec![
-                CvRoute {
-                    source: CvSource::Cc { channel: 0, cc: 1 },
-                    output: out("mcu", 3),
-                    min_volts: 0.0,
-                    max_volts: 10.0,
-                },
-                CvRoute {
-                    source: CvSource::Aftertouch { channel: 0 },
-                    output: out("mcu", 4),
-                    min_volts: 0.0,
-                    max_volts: 5.0,
-                },
-                CvRoute {
-                    source: CvSource::PitchBend { channel: 0 },
-                    output: out("mcu", 5),
-                    min_volts: -5.0,
-                    max_volts: 5.0,
-                },
-            ],
-            ..Default::default()
+    fn controllers_reach_the_nodes_whose_outputs_follow_them() {
+        let mut cfg = full();
+        cfg.routes.push(CvRoute {
+            output: out("other", 0),
+            ..route(CvSource::Cc { channel: 0, cc: 1 }, 0, 0.0, 5.0)
         });
+        let mut r = router(cfg);
         let now = ClusterTime(1_000);
-        assert_eq!(
-            sets(&r.handle_cc(now, 0, 1, 127)),
-            vec![(3, 10_000_000, 5_001_000)]
+        let ctl = |a: &[Action]| -> Vec<(String, u8, ControlKind, u8, u16, u64)> {
+            a.iter()
+                .map(|(n, m)| match m {
+                    Message::Control(c) => {
+                        (n.clone(), c.midi_channel, c.kind, c.number, c.value, c.at.0)
+                    }
+                    other => panic!("not a Control: {other:?}"),
+                })
+                .collect()
+        };
+        let a = r.handle_midi(
+            now,
+            &MidiEvent::ControlChange {
+                channel: 2,
+                controller: 74,
+                value: 127,
+            },
         );
-        assert!(r.handle_cc(now, 1, 1, 127).is_empty());
         assert_eq!(
-            sets(&r.handle_aftertouch(now, 0, 200)),
-            vec![(4, 5_000_000, 5_001_000)]
+            ctl(&a),
+            vec![("mcu".into(), 2, ControlKind::Cc, 74, 127, 5_001_000)]
         );
-        let _ = r.handle_voice_message("mcu", &on(48, 0));
-        let a = sets(&r.handle_pitch_bend(now, 0, 8191));
-        assert_eq!(a[0], (5, 5_000_000, 5_001_000));
-        // +2 semitones (almost: 8191/8192) on top of 1 V.
-        assert_eq!(a[1].0, 0);
-        assert!((a[1].1 - 1_166_666).abs() < 30, "{a:?}");
-        let a = sets(&r.handle_pitch_bend(now, 0, -8192));
-        assert_eq!(a[0], (5, -5_000_000, 5_001_000));
-        assert_eq!(a[1], (0, 833_333, 5_001_000));
+        let a = r.handle_midi(
+            now,
+            &MidiEvent::ControlChange {
+                channel: 0,
+                controller: 1,
+                value: 64,
+            },
+        );
+        assert_eq!(
+            ctl(&a),
+            vec![("other".into(), 0, ControlKind::Cc, 1, 64, 5_001_000)]
+        );
+        // Nobody follows CC 7 or aftertouch on channel 0.
+        for e in [
+            MidiEvent::ControlChange {
+                channel: 0,
+                controller: 7,
+                value: 1,
+            },
+            MidiEvent::ChannelPressure {
+                channel: 0,
+                value: 1,
+            },
+            MidiEvent::NoteOn {
+                channel: 0,
+                note: 60,
+                velocity: 1,
+            },
+        ] {
+            assert!(r.handle_midi(now, &e).is_empty(), "{e:?}");
+        }
+        let a = r.handle_midi(
+            now,
+            &MidiEvent::ChannelPressure {
+                channel: 1,
+                value: 200,
+            },
+        );
+        assert_eq!(
+            ctl(&a),
+            vec![("mcu".into(), 1, ControlKind::Aftertouch, 0, 127, 5_001_000)]
+        );
+        // Pitch bend on any channel moves the pitch outputs: 14-bit on the wire.
+        for (bend, wire) in [(-8192, 0), (0, 8192), (8191, 16383)] {
+            let a = r.handle_midi(
+                now,
+                &MidiEvent::PitchBend {
+                    channel: 9,
+                    value: bend,
+                },
+            );
+            assert_eq!(
+                ctl(&a),
+                vec![("mcu".into(), 9, ControlKind::PitchBend, 0, wire, 5_001_000)]
+            );
+        }
     }
 
     #[test]
-    fn midi_events_reach_their_routes() {
-        let mut r = router(CvConfig {
-            routes: vec![CvRoute {
-                source: CvSource::Cc { channel: 2, cc: 74 },
-                output: out("mcu", 3),
-                min_volts: 0.0,
-                max_volts: 10.0,
-            }],
-            ..Default::default()
-        });
-        let ev = MidiEvent::ControlChange {
+    fn refresh_resends_last_controller_values_never_earlier() {
+        let mut r = router(full());
+        let cc = MidiEvent::ControlChange {
             channel: 2,
             controller: 74,
-            value: 0,
+            value: 100,
         };
-        assert_eq!(
-            sets(&r.handle_midi(ClusterTime(0), &ev)),
-            vec![(3, 0, 5_000_000)]
-        );
-        let ev = MidiEvent::NoteOn {
-            channel: 2,
-            note: 60,
-            velocity: 1,
+        let _ = r.handle_midi(ClusterTime(1_000_000_000), &cc);
+        let bend = MidiEvent::PitchBend {
+            channel: 0,
+            value: 100,
         };
-        assert!(r.handle_midi(ClusterTime(0), &ev).is_empty());
-    }
-
-    #[test]
-    fn clock_pulses_on_the_timeline_and_reset_at_bar_start() {
-        let mut r = router(CvConfig {
-            routes: vec![
-                CvRoute {
-                    source: CvSource::Clock {
-                        ppqn: 4,
-                        pulse_ms: 5,
-                    },
-                    output: out("mcu", 6),
-                    min_volts: 0.0,
-                    max_volts: 5.0,
-                },
-                CvRoute {
-                    source: CvSource::Reset {
-                        beats_per_bar: 4,
-                        pulse_ms: 5,
-                    },
-                    output: out("mcu", 7),
-                    min_volts: 0.0,
-                    max_volts: 5.0,
-                },
-            ],
-            ..Default::default()
-        });
-        // 120 BPM: a beat is 500 ms; 4 ppqn → a pulse every 125 ms; a bar every 2 s.
-        let t = r.poll_timeout(ClusterTime(1)).expect("clock routes");
-        assert_eq!(t, ClusterTime(125_000_000 - 5_000_000));
-        let mut clock = Vec::new();
-        let mut reset = Vec::new();
-        let mut now = ClusterTime(1);
-        while now.0 < 4_100_000_000 {
-            for (ch, uv, at) in sets(&r.handle_timeout(now)) {
-                if uv > 0 {
-                    if ch == 6 {
-                        clock.push(at)
-                    } else {
-                        reset.push(at)
-                    }
-                }
-            }
-            now = r.poll_timeout(now).expect("clock routes");
-        }
-        assert_eq!(clock.len(), 32, "{clock:?}");
+        let _ = r.handle_midi(ClusterTime(1_000_000_000), &bend);
+        // Before the changes' own time: they keep it.
+        let m = r.refresh_controls(ClusterTime(990_000_000), "mcu");
+        assert_eq!(m.len(), 2);
         assert!(
-            clock
-                .iter()
-                .enumerate()
-                .all(|(i, &t)| t == (i as u64 + 1) * 125_000_000)
+            m.iter()
+                .all(|m| matches!(m, Message::Control(c) if c.at.0 == 1_005_000_000)),
+            "{m:?}"
         );
-        assert_eq!(reset, vec![2_000_000_000, 4_000_000_000]);
+        // Later: stamped now + lookahead.
+        let m = r.refresh_controls(ClusterTime(2_000_000_000), "mcu");
+        assert!(
+            m.iter()
+                .all(|m| matches!(m, Message::Control(c) if c.at.0 == 2_005_000_000)),
+            "{m:?}"
+        );
+        assert!(r.refresh_controls(ClusterTime(0), "other").is_empty());
+        // A new configuration bumps the generation; unrelated controllers are not re-sent.
+        let g = r.generation();
+        r.set_config(CvConfig::default()).unwrap();
+        assert_eq!(r.generation(), g + 1);
+        assert!(r.refresh_controls(ClusterTime(0), "mcu").is_empty());
     }
 
     #[test]
-    fn refresh_resends_every_value_pitch_first() {
-        let mut r = router(CvConfig {
-            voices: vec![voice(GateMode::Gate)],
-            ..Default::default()
-        });
-        let _ = r.handle_voice_message("mcu", &on(60, 0));
-        let a = sets(&r.refresh(ClusterTime(10)));
-        assert_eq!(
-            a,
-            vec![
-                (0, 2_000_000, 5_000_010),
-                (1, 5_000_000, 5_000_010),
-                (2, 5_000_000, 5_000_010)
-            ]
-        );
+    fn dac_code_is_the_shared_calibration() {
+        let r = router(full());
+        assert_eq!(r.dac_code(&out("mcu", 0), 2_500_000), Some(3072));
+        assert_eq!(r.dac_code(&out("mcu", 0), 9_000_000), Some(4095));
+        assert_eq!(r.dac_code(&out("mcu", 1), 0), None);
+        // The note the MCU plays: 1 V above the base note, through the table.
+        let uv = voicemesh_protocol::cv::pitch_microvolts(48, 36, 0, 200);
+        assert_eq!(r.dac_code(&out("mcu", 0), uv), Some(2457));
     }
 
     #[test]
@@ -1163,37 +1090,70 @@ mod tests {
             ),
             (
                 CvConfig {
-                    routes: vec![CvRoute {
-                        source: CvSource::Clock {
+                    voices: vec![CvVoice {
+                        bend_semitones: 2.5,
+                        ..voice(GateMode::Gate)
+                    }],
+                    ..Default::default()
+                },
+                "voices[0].bend_semitones",
+            ),
+            (
+                CvConfig {
+                    voices: vec![CvVoice {
+                        glide_ms: 10_001,
+                        ..voice(GateMode::Gate)
+                    }],
+                    ..Default::default()
+                },
+                "voices[0].glide_ms",
+            ),
+            (
+                CvConfig {
+                    routes: vec![route(
+                        CvSource::Clock {
                             ppqn: 0,
                             pulse_ms: 5,
                         },
-                        output: out("m", 0),
-                        min_volts: 0.0,
-                        max_volts: f64::NAN,
-                    }],
+                        0,
+                        0.0,
+                        f64::NAN,
+                    )],
                     ..Default::default()
                 },
                 "routes[0].max_volts",
             ),
             (
                 CvConfig {
+                    routes: vec![route(CvSource::Aftertouch { channel: 0 }, 32, 0.0, 5.0)],
+                    ..Default::default()
+                },
+                "routes[0].output.channel",
+            ),
+            (
+                CvConfig {
                     calibration: vec![ChannelCalibration {
                         output: out("m", 0),
-                        points: vec![
-                            CalPoint {
-                                volts: 1.0,
-                                code: 10,
-                            },
-                            CalPoint {
-                                volts: 1.0,
-                                code: 20,
-                            },
-                        ],
+                        points: cal(&[(1.0, 10), (1.0, 20)]),
                     }],
                     ..Default::default()
                 },
                 "calibration[0].points[1].volts",
+            ),
+            (
+                CvConfig {
+                    calibration: vec![ChannelCalibration {
+                        output: out("m", 0),
+                        points: (0..17)
+                            .map(|i| CalPoint {
+                                volts: f64::from(i) / 4.0,
+                                code: i,
+                            })
+                            .collect(),
+                    }],
+                    ..Default::default()
+                },
+                "calibration[0].points",
             ),
         ];
         for (cfg, field) in cases {
@@ -1204,44 +1164,16 @@ mod tests {
 
     #[test]
     fn calibration_interpolates_and_clamps() {
-        let c = Calibration::new(
-            &[
-                CalPoint {
-                    volts: -5.0,
-                    code: 0,
-                },
-                CalPoint {
-                    volts: 0.0,
-                    code: 32_000,
-                },
-                CalPoint {
-                    volts: 5.0,
-                    code: 65_000,
-                },
-            ],
-            "t",
-        )
-        .unwrap();
-        assert_eq!(c.code(-10.0), 0);
-        assert_eq!(c.code(0.0), 32_000);
-        assert_eq!(c.code(2.5), 48_500);
-        assert_eq!(c.code(9.0), 65_000);
-        assert_eq!(c.code(f64::NAN), 0);
-        let e = Calibration::new(
-            &[
-                CalPoint {
-                    volts: 1.0,
-                    code: 1,
-                },
-                CalPoint {
-                    volts: 0.0,
-                    code: 2,
-                },
-            ],
-            "t",
-        )
-        .expect_err("unsorted");
+        let c = Calibration::new(&cal(&[(-5.0, 0), (0.0, 32_000), (5.0, 65_000)]), "t").unwrap();
+        assert_eq!(c.code(-10_000_000), 0);
+        assert_eq!(c.code(0), 32_000);
+        assert_eq!(c.code(2_500_000), 48_500);
+        assert_eq!(c.code(9_000_000), 65_000);
+        let e = Calibration::new(&cal(&[(1.0, 1), (0.0, 2)]), "t").expect_err("unsorted");
         assert!(e.to_string().contains("sorted"), "{e}");
+        // Distinct in f64 but the same microvolt: refused, the MCU could not tell them apart.
+        let e = Calibration::new(&cal(&[(1.0, 1), (1.000_000_1, 2)]), "t").expect_err("same µV");
+        assert_eq!(e.field, "t[1].volts");
     }
 
     proptest! {
@@ -1249,9 +1181,9 @@ mod tests {
 
         #[test]
         fn calibration_is_monotone_and_exact_at_points(
-            mut volts in proptest::collection::btree_set(-15_000i32..=15_000, 2..12),
-            codes in proptest::collection::btree_set(-100_000i32..=100_000, 12),
-            probes in proptest::collection::vec(-20.0f64..20.0, 1..20),
+            mut volts in proptest::collection::btree_set(-15_000i32..=15_000, 2..=16),
+            codes in proptest::collection::btree_set(-100_000i32..=100_000, 16),
+            probes in proptest::collection::vec(-20_000_000i32..20_000_000, 1..20),
             falling in any::<bool>(),
         ) {
             let volts: Vec<f64> = std::mem::take(&mut volts).into_iter().map(|v| f64::from(v) / 1000.0).collect();
@@ -1261,10 +1193,10 @@ mod tests {
             let pts: Vec<CalPoint> = volts.iter().zip(&codes).map(|(&v, &c)| CalPoint { volts: v, code: c }).collect();
             let cal = Calibration::new(&pts, "t").expect("sorted, distinct");
             for p in &pts {
-                prop_assert_eq!(cal.code(p.volts), p.code);
+                prop_assert_eq!(cal.code(uv(p.volts)), p.code);
             }
             let mut probes = probes;
-            probes.sort_by(f64::total_cmp);
+            probes.sort();
             for w in probes.windows(2) {
                 let (a, b) = (cal.code(w[0]), cal.code(w[1]));
                 prop_assert!(if falling { a >= b } else { a <= b }, "{} → {}, {} → {}", w[0], a, w[1], b);
@@ -1273,14 +1205,14 @@ mod tests {
 
         #[test]
         fn hostile_tables_never_panic(
-            pts in proptest::collection::vec((proptest::num::f64::ANY, any::<i32>()), 0..8),
-            probe in proptest::num::f64::ANY,
+            pts in proptest::collection::vec((proptest::num::f64::ANY, any::<i32>()), 0..20),
+            probe in any::<i32>(),
         ) {
             let pts: Vec<CalPoint> = pts.into_iter().map(|(volts, code)| CalPoint { volts, code }).collect();
             let sorted = pts.windows(2).all(|w| w[0].volts < w[1].volts);
             match Calibration::new(&pts, "t") {
                 Ok(c) => {
-                    prop_assert!(sorted);
+                    prop_assert!(sorted && pts.len() <= MAX_CAL_POINTS);
                     let _ = c.code(probe);
                 }
                 Err(e) => prop_assert!(e.field.starts_with('t')),
@@ -1289,17 +1221,15 @@ mod tests {
 
         #[test]
         fn router_never_panics_on_any_input(
-            note in any::<u8>(), vel in any::<u8>(), ch in any::<u8>(), bend in any::<i16>(),
-            cc in any::<u8>(), now in any::<u64>(),
+            vel in any::<u8>(), ch in any::<u8>(), bend in any::<i16>(),
+            cc in any::<u8>(), now in any::<u64>(), channels in any::<u16>(),
         ) {
-            let mut r = router(CvConfig { voices: vec![voice(GateMode::Trigger { ms: 1000 })], ..Default::default() });
-            let m = Message::VoiceOn(VoiceOn { voice: 0, note, velocity: vel, channel: ch, at: ClusterTime(now), lease_until: ClusterTime(now) });
-            let _ = r.handle_voice_message("mcu", &m);
-            let _ = r.handle_pitch_bend(ClusterTime(now), ch, bend);
-            let _ = r.handle_cc(ClusterTime(now), ch, cc, vel);
-            let _ = r.handle_aftertouch(ClusterTime(now), ch, vel);
-            let _ = r.handle_timeout(ClusterTime(now));
-            let _ = r.refresh(ClusterTime(now));
+            let mut r = router(full());
+            let _ = r.handle_midi(ClusterTime(now), &MidiEvent::PitchBend { channel: ch, value: bend });
+            let _ = r.handle_midi(ClusterTime(now), &MidiEvent::ControlChange { channel: ch, controller: cc, value: vel });
+            let _ = r.handle_midi(ClusterTime(now), &MidiEvent::ChannelPressure { channel: ch, value: vel });
+            let _ = r.refresh_controls(ClusterTime(now), "mcu");
+            prop_assert!(r.assignments("mcu", channels).len() <= usize::from(MAX_CHANNELS));
         }
     }
 }

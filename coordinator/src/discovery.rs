@@ -1,5 +1,6 @@
 //! Finding nodes: mDNS browsing of [`discovery::NODE_SERVICE`], and the connectors that keep a
-//! session up with every node found (or added by address).
+//! session up with every node found (or added by address): a QUIC session with a Linux node
+//! (`role=node`), a UDP link with an MCU node (`role=mcu`, crate::mcu).
 //!
 //! mDNS only says where a node is; whether it is alive comes from the session's heartbeats
 //! (a killed node stays in mDNS caches until its record's TTL runs out). A node whose `proto`
@@ -61,6 +62,26 @@ impl Connectors {
             .spawn(crate::session::connector(shared, ep, addr, token));
     }
 
+    /// Keeps a link with the MCU node at `addr` up (no-op if one is already kept): UDP
+    /// datagrams from a socket in the endpoint's scope (crate::mcu).
+    pub fn add_mcu(&self, addr: SocketAddr) {
+        let mut running = self.running();
+        if running.get(&addr).is_some_and(|t| !t.is_cancelled()) {
+            return;
+        }
+        let bind = match self.endpoint.local_addr() {
+            Ok(a) => a.ip(),
+            Err(e) => {
+                tracing::error!(%addr, "no local address for an MCU link: {e}");
+                return;
+            }
+        };
+        let token = self.cancel.child_token();
+        running.insert(addr, token.clone());
+        self.tracker
+            .spawn(crate::mcu::run(self.shared.clone(), addr, bind, token));
+    }
+
     /// Stops keeping a session with `addr`.
     pub fn remove(&self, addr: SocketAddr) {
         if let Some(t) = self.running().remove(&addr) {
@@ -99,8 +120,8 @@ pub(crate) async fn browse(
                 let txt = |k: &str| s.txt(k).map(str::to_owned);
                 let id = txt("id").unwrap_or_else(|| s.instance.clone());
                 let role = txt("role").unwrap_or_default();
-                if role != "node" {
-                    tracing::debug!(%id, %role, "not a Linux node; ignored");
+                if role != "node" && role != "mcu" {
+                    tracing::debug!(%id, %role, "unknown role; ignored");
                     continue;
                 }
                 let port = txt("port")
@@ -141,8 +162,12 @@ pub(crate) async fn browse(
                 {
                     connectors.remove(old);
                 }
-                tracing::info!(%id, %addr, "node resolved");
-                connectors.add(addr);
+                tracing::info!(%id, %addr, %role, "node resolved");
+                if role == "mcu" {
+                    connectors.add_mcu(addr);
+                } else {
+                    connectors.add(addr);
+                }
             }
             BrowseEvent::Removed { instance } => {
                 if let Some(addr) = by_name.remove(&instance) {

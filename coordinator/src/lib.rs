@@ -19,6 +19,7 @@ pub mod cv;
 pub mod discovery;
 mod http;
 pub mod link;
+pub mod mcu;
 pub mod osc;
 pub mod session;
 mod state;
@@ -212,6 +213,11 @@ impl RunningCoordinator {
         self.connectors.add(addr);
     }
 
+    /// Keeps a UDP link with an MCU node at `addr` without mDNS (tests, static setups).
+    pub fn add_mcu_addr(&self, addr: SocketAddr) {
+        self.connectors.add_mcu(addr);
+    }
+
     /// Waits until the shutdown token is cancelled and every task has finished.
     pub async fn wait(self) -> Result<(), RunError> {
         self.tracker.close();
@@ -289,15 +295,13 @@ pub async fn start(
         ..AllocatorConfig::default()
     };
     let timeline = Timeline::from_milli_bpm(DEFAULT_MILLI_BPM, clock.now());
-    let cv = cv::CvRouter::new(
-        settings.cv.clone(),
-        timeline,
-        cfg.lookahead.as_nanos() as u64,
-    )
-    .map_err(|e| config::ConfigError::Corrupt {
-        path: config::path(&cfg.state_dir),
-        detail: format!("cv.{e}"),
-    })?;
+    let cv =
+        cv::CvRouter::new(settings.cv.clone(), cfg.lookahead.as_nanos() as u64).map_err(|e| {
+            config::ConfigError::Corrupt {
+                path: config::path(&cfg.state_dir),
+                detail: format!("cv.{e}"),
+            }
+        })?;
     let shared = Arc::new(Shared {
         id: cfg.id.clone(),
         clock,
@@ -313,6 +317,7 @@ pub async fn start(
             latency: Default::default(),
             next_generation: 0,
             tempo: tempo::TempoState::new(timeline, tempo::DEFAULT_QUANTUM),
+            mcus: Default::default(),
         }),
         renew_wakeup: tokio::sync::Notify::new(),
         tempo_changed: tokio::sync::Notify::new(),
@@ -330,7 +335,6 @@ pub async fn start(
     ));
     tracker.spawn(osc_task(shared.clone(), osc_socket, shutdown.clone()));
     tracker.spawn(renew_task(shared.clone(), shutdown.clone()));
-    tracker.spawn(cv_clock_task(shared.clone(), shutdown.clone()));
 
     let error = Arc::new(Mutex::new(None));
     let store = Arc::new(http::ConfigStore::new(cfg.state_dir.clone(), settings));
@@ -399,7 +403,10 @@ async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationTo
                         .handle_midi(now, ev)
                         .map(|(n, m)| (n.to_string(), m))
                         .collect();
-                    a.extend(g.cv.handle_midi(now, &ev));
+                    // Controllers for MCUs that are not connected are skipped (they get the
+                    // last values when they join), not queued and counted as dropped.
+                    let cv = g.cv.handle_midi(now, &ev);
+                    a.extend(cv.into_iter().filter(|(n, _)| g.connected(n)));
                     a
                 }
             };
@@ -429,35 +436,6 @@ async fn renew_task(shared: Arc<Shared>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.renew_wakeup.notified() => {}
-            _ = sleep(wait) => {}
-        }
-    }
-}
-
-/// Sends the CV router's clock and reset pulses ahead of their time. Without clock routes it
-/// looks again every 100 ms, so a route added through the API starts within that.
-async fn cv_clock_task(shared: Arc<Shared>, cancel: CancellationToken) {
-    loop {
-        let wait = {
-            let now = shared.now();
-            let mut g = shared.lock();
-            let mut actions = g.cv.handle_timeout(now);
-            // Clock pulses for an MCU that is not connected are skipped, not queued and counted
-            // as dropped with a warning each (that would be up to ~200 a second).
-            actions.retain(|(node, _)| {
-                g.nodes
-                    .get(node.as_str())
-                    .is_some_and(|n| n.session.is_some())
-            });
-            g.dispatch(actions, None);
-            g.cv.poll_timeout(now)
-                .map(|t| Duration::from_nanos(t.nanos_since(now).max(0) as u64))
-        };
-        let wait = wait
-            .unwrap_or(Duration::from_millis(100))
-            .min(Duration::from_millis(100));
-        tokio::select! {
-            _ = cancel.cancelled() => return,
             _ = sleep(wait) => {}
         }
     }

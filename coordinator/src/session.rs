@@ -33,7 +33,7 @@ use voicemesh_protocol::{
     encode_frame_vec,
 };
 
-use crate::state::{NodeEntry, Outgoing, SESSION_QUEUE, Shared, role_name};
+use crate::state::{Outgoing, SESSION_QUEUE, Shared};
 
 /// How long connecting and the Hello may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -315,29 +315,7 @@ async fn run_session(
     let span = tracing::info_span!("session", node = %node_id, %addr);
 
     let (tx, mut rx) = mpsc::channel::<Outgoing>(SESSION_QUEUE);
-    let generation = {
-        let mut g = shared.lock();
-        g.next_generation += 1;
-        let generation = g.next_generation;
-        g.nodes.insert(
-            node_id.clone(),
-            NodeEntry {
-                name: hello.name.to_string(),
-                role: role_name(hello.role),
-                address: addr.to_string(),
-                voices: hello.voices,
-                online: true,
-                status: None,
-                last_seen: Some(Instant::now()),
-                error: None,
-                session: Some((generation, tx)),
-            },
-        );
-        g.alloc.add_node(&node_id, hello.voices);
-        let engines: Vec<&str> = hello.engines.iter().map(|e| e.as_str()).collect();
-        g.alloc.set_node_engines(&node_id, &engines);
-        generation
-    };
+    let generation = shared.lock().join_node(&hello, addr, tx);
     tracing::info!(parent: &span, voices = hello.voices, "node joined");
 
     let result = serve(
@@ -356,26 +334,14 @@ async fn run_session(
     .await;
 
     // Only the session that still owns the entry may mark it offline: a newer session for the
-    // same node id (a reconnect that raced this one) keeps it.
+    // same node id (a reconnect that raced this one) keeps it. The lost node's voices are
+    // re-spawned on the survivors right away.
     let mut g = shared.lock();
-    let owns = g
-        .nodes
-        .get(&node_id)
-        .and_then(|n| n.session.as_ref())
-        .is_some_and(|(gen_, _)| *gen_ == generation);
-    if owns {
-        // Re-spawn the lost node's voices on the survivors right away.
-        let respawn = g.alloc.node_lost(shared.now(), &node_id);
-        g.dispatch(respawn, None);
-        if let Some(n) = g.nodes.get_mut(&node_id) {
-            n.online = false;
-            n.session = None;
-            n.error = match &result {
-                Ok(()) | Err(SessionError::Closed(_)) => None,
-                Err(e) => Some(e.to_string()),
-            };
-        }
-    }
+    let error = match &result {
+        Ok(()) | Err(SessionError::Closed(_)) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    g.end_session(shared.now(), &node_id, generation, error);
     drop(g);
     conn.close(0u32.into(), b"session ended");
     result

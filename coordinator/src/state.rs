@@ -19,6 +19,17 @@ use crate::cv::CvRouter;
 use crate::osc::DropReason;
 use crate::tempo::{TempoSnapshot, TempoState};
 
+/// What a node without a `Status` yet is shown with.
+pub(crate) const IDLE_STATUS: Status = Status {
+    active_voices: 0,
+    clock_offset_ns: 0,
+    clock_locked: false,
+    load_permille: 0,
+    xruns: 0,
+    late_events: 0,
+    load_max_permille: 0,
+};
+
 /// Samples kept for the latency summary.
 pub const LATENCY_SAMPLES: usize = 4096;
 /// Depth of each session's outgoing queue.
@@ -64,6 +75,8 @@ pub(crate) struct Inner {
     pub next_generation: u64,
     /// The cluster timeline and transport (see [`crate::tempo`]).
     pub tempo: TempoState,
+    /// MCU nodes' CV state and link counters, by node id (crate::mcu).
+    pub mcus: BTreeMap<String, crate::mcu::McuView>,
 }
 
 #[derive(Debug)]
@@ -94,14 +107,15 @@ impl Shared {
 }
 
 impl Inner {
-    /// Queues the allocator's actions on their sessions. `osc_rx` is stamped on VoiceOns.
-    /// Voice events of CV-routed voices are followed by their `CvSet`s.
+    /// Whether `node` has a session to send to.
+    pub fn connected(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.session.is_some())
+    }
+
+    /// Queues the allocator's (or the CV router's) actions on their sessions. `osc_rx` is
+    /// stamped on VoiceOns.
     pub fn dispatch(&mut self, actions: Vec<Action>, osc_rx: Option<Instant>) {
-        let cv: Vec<Action> = actions
-            .iter()
-            .flat_map(|(node, msg)| self.cv.handle_voice_message(node, msg))
-            .collect();
-        for (node, msg) in actions.into_iter().chain(cv) {
+        for (node, msg) in actions {
             let stamp = matches!(msg, Message::VoiceOn(_))
                 .then_some(osc_rx)
                 .flatten();
@@ -114,6 +128,64 @@ impl Inner {
                 self.counters.queue_full += 1;
                 tracing::warn!(node, "session queue full or gone; event dropped");
             }
+        }
+    }
+
+    /// A node joined with `hello` over a session at `addr` whose queue is `tx`: it is (again)
+    /// online, in the allocator's pool with its voices and engines. Returns the session's
+    /// generation, which [`end_session`](Self::end_session) needs.
+    pub fn join_node(
+        &mut self,
+        hello: &voicemesh_protocol::Hello,
+        addr: std::net::SocketAddr,
+        tx: mpsc::Sender<Outgoing>,
+    ) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let id = hello.id.as_str();
+        self.nodes.insert(
+            id.to_owned(),
+            NodeEntry {
+                name: hello.name.to_string(),
+                role: role_name(hello.role),
+                address: addr.to_string(),
+                voices: hello.voices,
+                online: true,
+                status: None,
+                last_seen: Some(Instant::now()),
+                error: None,
+                session: Some((generation, tx)),
+            },
+        );
+        self.alloc.add_node(id, hello.voices);
+        let engines: Vec<&str> = hello.engines.iter().map(|e| e.as_str()).collect();
+        self.alloc.set_node_engines(id, &engines);
+        generation
+    }
+
+    /// A node's session `generation` ended: unless a newer session owns the node by now, its
+    /// voices are re-spawned on the survivors at once and it is marked offline with `error`.
+    pub fn end_session(
+        &mut self,
+        now: ClusterTime,
+        node_id: &str,
+        generation: u64,
+        error: Option<String>,
+    ) {
+        let owns = self
+            .nodes
+            .get(node_id)
+            .and_then(|n| n.session.as_ref())
+            .is_some_and(|(gen_, _)| *gen_ == generation);
+        if !owns {
+            return;
+        }
+        let respawn = self.alloc.node_lost(now, node_id);
+        self.dispatch(respawn, None);
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.online = false;
+            n.session = None;
+            n.error = error;
         }
     }
 
@@ -190,6 +262,9 @@ pub struct NodeSnapshot {
     pub last_seen_ms: Option<u64>,
     /// Why the node is not usable (protocol mismatch, session error), if it is not.
     pub error: Option<String>,
+    /// CV channels, DAC codes and datagram counters of an MCU node; `null` for Linux nodes.
+    #[serde(default)]
+    pub cv: Option<crate::mcu::McuSnapshot>,
 }
 
 /// OSC counters, in a [`ClusterSnapshot`].
@@ -274,15 +349,7 @@ impl Shared {
             .nodes
             .iter()
             .map(|(id, n)| {
-                let st = n.status.unwrap_or(Status {
-                    active_voices: 0,
-                    clock_offset_ns: 0,
-                    clock_locked: false,
-                    load_permille: 0,
-                    xruns: 0,
-                    late_events: 0,
-                    load_max_permille: 0,
-                });
+                let st = n.status.unwrap_or(IDLE_STATUS);
                 NodeSnapshot {
                     id: id.clone(),
                     name: n.name.clone(),
@@ -302,6 +369,7 @@ impl Shared {
                         .last_seen
                         .map(|t| now_local.saturating_duration_since(t).as_millis() as u64),
                     error: n.error.clone(),
+                    cv: g.mcus.get(id).map(crate::mcu::McuView::snapshot),
                 }
             })
             .collect();

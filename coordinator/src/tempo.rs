@@ -207,7 +207,6 @@ impl crate::state::Inner {
             return;
         }
         self.tempo.timeline = tl;
-        self.cv.set_timeline(tl);
         let actions: Vec<_> = self
             .nodes
             .iter()
