@@ -10,7 +10,6 @@ use crate::{
     start_coordinator,
 };
 use anyhow::{Context, Result, bail};
-use rosc::{OscBundle, OscMessage, OscPacket, OscTime, OscType};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -202,27 +201,7 @@ async fn send_chord(
     chord: &[u8],
     velocity: i32,
 ) -> Result<()> {
-    let content = chord
-        .iter()
-        .map(|&n| {
-            OscPacket::Message(OscMessage {
-                addr: "/voicemesh/note".into(),
-                args: vec![
-                    OscType::Int(n.into()),
-                    OscType::Int(velocity),
-                    OscType::Int(0),
-                ],
-            })
-        })
-        .collect();
-    let bundle = OscPacket::Bundle(OscBundle {
-        timetag: OscTime {
-            seconds: 0,
-            fractional: 1,
-        },
-        content,
-    });
-    let bytes = rosc::encoder::encode(&bundle).context("encoding OSC")?;
+    let bytes = crate::bench_sync::note_bundle(chord.iter().map(|&n| (n.into(), velocity)))?;
     sock.send_to(&bytes, target)
         .await
         .with_context(|| format!("sending OSC to {target}"))?;

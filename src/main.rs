@@ -3,6 +3,7 @@
 //! This file only parses arguments and wires the crates together; everything that does the
 //! work lives in `voicemesh-coordinator`, `voicemesh-node` and `voicemesh-protocol`.
 
+mod bench_sync;
 mod demo;
 
 use anyhow::{Context, Result, bail};
@@ -56,6 +57,51 @@ enum BenchCommand {
     /// The voice allocator core on 64 nodes × 16 voices: note-on + note-off pairs per second
     /// and the p99 time of one operation. Ends with one line `pairs_per_s=N p99_op_us=M`.
     Alloc(BenchAllocArgs),
+    /// Onset spread across nodes: a coordinator and three nodes as processes (in network
+    /// namespaces on one bridge when run as root, with a ptp4l -S pair as the floor; on
+    /// loopback otherwise), node clocks started off on purpose; plays chords over all nodes and
+    /// measures when each node's output really emits each note (CLOCK_MONOTONIC). Ends with
+    /// one line `p50_onset_spread_us=A p99_onset_spread_us=B max_onset_spread_us=C
+    /// converge_s=D`.
+    Sync(BenchSyncArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchSyncArgs {
+    /// Chords measured after convergence.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    chords: u32,
+    /// Time between chords, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    interval_ms: u64,
+    /// Clock offset the first node starts with, in ms (the others: −MS and MS/2).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 3.0,
+        allow_negative_numbers = true
+    )]
+    offset_ms: f64,
+    /// Clock rate error the first node starts with, in ppm (the others: −PPM and −PPM/2).
+    #[arg(
+        long,
+        value_name = "PPM",
+        default_value_t = 50.0,
+        allow_negative_numbers = true
+    )]
+    rate_ppm: f64,
+    /// The coordinator's lookahead, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    lookahead_ms: u64,
+    /// Give up when the cluster has not converged after this many seconds.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    converge_timeout_s: u64,
+    /// Always use network namespaces on a bridge (fails when not root).
+    #[arg(long, conflicts_with = "loopback")]
+    netns: bool,
+    /// Loopback, even as root.
+    #[arg(long)]
+    loopback: bool,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +287,26 @@ fn main() -> std::process::ExitCode {
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(BenchCommand::Engine(a)) => {
                 tokio::task::spawn_blocking(move || bench_engine(a))
+                    .await
+                    .context("the benchmark thread")?
+            }
+            Command::Bench(BenchCommand::Sync(a)) => {
+                let b = bench_sync::SyncBench {
+                    chords: a.chords,
+                    interval: Duration::from_millis(a.interval_ms),
+                    offset_ms: a.offset_ms,
+                    rate_ppm: a.rate_ppm,
+                    lookahead_ms: a.lookahead_ms,
+                    converge_timeout: Duration::from_secs(a.converge_timeout_s),
+                    netns: if a.netns {
+                        Some(true)
+                    } else if a.loopback {
+                        Some(false)
+                    } else {
+                        None
+                    },
+                };
+                tokio::task::spawn_blocking(move || bench_sync::run(&b).map(|_| ()))
                     .await
                     .context("the benchmark thread")?
             }

@@ -62,6 +62,7 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
     };
     let api = Router::new()
         .route("/api/cluster", get(cluster))
+        .route("/api/onsets", get(onsets))
         .route("/api/config", get(get_config))
         .route("/api/config/policy", get(get_policy).put(put_policy))
         .route("/api/config/channels", get(get_channels).put(put_channels))
@@ -148,6 +149,17 @@ async fn cluster(State(app): State<App>) -> Response {
             .into_response(),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
+}
+
+/// `/api/onsets`: the spread of every recent chord and its summary (docs/http-api.md).
+async fn onsets(State(app): State<App>) -> Response {
+    let g = app.shared.lock();
+    let body = serde_json::json!({
+        "summary": g.onsets.summary(),
+        "chords": g.onsets.chords(),
+    });
+    drop(g);
+    json_ok(&body)
 }
 
 async fn metrics(State(app): State<App>) -> Response {

@@ -20,6 +20,7 @@ pub mod discovery;
 mod http;
 pub mod link;
 pub mod mcu;
+pub mod onsets;
 pub mod osc;
 pub mod session;
 mod state;
@@ -318,6 +319,7 @@ pub async fn start(
             next_generation: 0,
             tempo: tempo::TempoState::new(timeline, tempo::DEFAULT_QUANTUM),
             mcus: Default::default(),
+            onsets: Default::default(),
         }),
         renew_wakeup: tokio::sync::Notify::new(),
         tempo_changed: tokio::sync::Notify::new(),

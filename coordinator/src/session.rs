@@ -398,6 +398,7 @@ async fn serve(
                             let rtt = u64::try_from(conn.rtt().as_nanos()).unwrap_or(u64::MAX);
                             g.alloc.set_node_latency(node_id, rtt);
                         }
+                        Message::Onset(o) => g.onsets.record(node_id, &o),
                         Message::Bye(b) => {
                             tracing::info!(reason = %b.reason, "node said bye");
                             return Err(SessionError::Closed(addr));

@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     pub tempo: TempoState,
     /// MCU nodes' CV state and link counters, by node id (crate::mcu).
     pub mcus: BTreeMap<String, crate::mcu::McuView>,
+    /// Recent voice starts reported by the nodes (onset spread).
+    pub onsets: crate::onsets::OnsetLog,
 }
 
 #[derive(Debug)]
@@ -338,6 +340,9 @@ pub struct ClusterSnapshot {
     pub latency: LatencySnapshot,
     /// Allocator and session counters.
     pub voices: VoiceCounters,
+    /// Onset spread of the recent chords (docs/timing.md, "Measurement").
+    #[serde(default)]
+    pub onsets: crate::onsets::OnsetSummary,
 }
 
 impl Shared {
@@ -410,6 +415,7 @@ impl Shared {
                 queue_full: g.counters.queue_full,
                 decode_errors: g.counters.decode_errors,
             },
+            onsets: g.onsets.summary(),
         }
     }
 }

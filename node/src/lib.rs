@@ -277,6 +277,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Runni
         ptp: ptp.clone(),
         counters: counters.clone(),
         sender: Mutex::new(audio.sender),
+        onsets: Mutex::new(audio.onsets),
         cv_rejected: AtomicU32::new(0),
         bad_frames: AtomicU32::new(0),
     });

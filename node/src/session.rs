@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use voicemesh_protocol::{
     Bye, ClusterTime, DecodeError, ErrorCode, ErrorMsg, FrameReader, Heartbeat, Hello,
-    MAX_FRAME_LEN, Message, Role, Status, Welcome, discovery, encode_frame,
+    MAX_FRAME_LEN, Message, Onset, Role, Status, Welcome, discovery, encode_frame,
 };
 
 /// How long the node waits for the coordinator to open the stream and send `Welcome`.
@@ -56,6 +56,8 @@ pub struct SessionShared {
     pub counters: Arc<EngineCounters>,
     /// The engine's event queue (control side only; the audio thread never locks).
     pub sender: Mutex<EventSender>,
+    /// Voice starts from the audio thread, reported to the coordinator as `Onset`s.
+    pub onsets: Mutex<rtrb::Consumer<crate::engine::Onset>>,
     /// `CvSet` messages refused (this node has no CV outputs).
     pub cv_rejected: AtomicU32,
     /// Frames that failed to decode.
@@ -163,6 +165,7 @@ async fn run_session(
         recv,
         reader: Box::new(FrameReader::new()),
         welcome: None,
+        peer_minor: 0,
         seq: 0,
     };
     let reason = s.run(&tok, &node_shutdown).await;
@@ -212,6 +215,8 @@ struct Session {
     recv: RecvStream,
     reader: Box<FrameReader>,
     welcome: Option<Welcome>,
+    /// The coordinator's protocol minor version (from its `Welcome` frame).
+    peer_minor: u8,
     seq: u32,
 }
 
@@ -320,7 +325,31 @@ impl Session {
         });
         self.write(&hb).await?;
         let st = self.status();
-        self.write(&st).await
+        self.write(&st).await?;
+        self.report_onsets().await
+    }
+
+    /// Sends the voice starts rendered since the last call as `Onset`s (protocol 1.2: an
+    /// older coordinator would not understand them, so they are dropped for it).
+    async fn report_onsets(&mut self) -> Result<(), End> {
+        loop {
+            let next = match self.shared.onsets.lock() {
+                Ok(mut rx) => rx.pop().ok(),
+                Err(_) => None,
+            };
+            let Some(o) = next else { return Ok(()) };
+            if self.peer_minor < 2 {
+                continue;
+            }
+            let msg = Message::Onset(Onset {
+                voice: o.voice,
+                note: o.note,
+                at: ClusterTime(o.at_ns),
+                at_frame: ClusterTime(o.frame_cluster_ns),
+                emitted_mono_ns: o.emitted_mono_ns,
+            });
+            self.write(&msg).await?;
+        }
     }
 
     async fn drain_frames(
@@ -329,7 +358,12 @@ impl Session {
     ) -> Result<(), End> {
         loop {
             match self.reader.next_frame() {
-                Ok(Some(frame)) => self.handle(frame.message, ticker).await?,
+                Ok(Some(frame)) => {
+                    if self.welcome.is_none() {
+                        self.peer_minor = frame.minor;
+                    }
+                    self.handle(frame.message, ticker).await?
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.bad_frame(e).await),
             }

@@ -147,3 +147,43 @@ fn workload(name: &str) {
         "the workload includes out-of-range voices"
     );
 }
+
+/// The audio clock model's per-block work (a DLL update, the block's cluster time through the
+/// cluster clock, a render with onset reports on both queues) allocates nothing either.
+#[test]
+fn audio_clock_model_and_timed_render_never_allocate() {
+    use voicemesh_node::clock::ClusterClock;
+    use voicemesh_node::clock::audio::{AudioClock, mono_now_ns};
+    const SR: u32 = 48_000;
+    const BLOCK: usize = 256;
+    let counters = Arc::new(EngineCounters::default());
+    let (mut engine, mut tx) = Engine::new(8, SR, counters.clone());
+    let mut rec = engine.record_onsets();
+    let mut rep = engine.report_onsets();
+    let clock = ClusterClock::new();
+    let mut dll = AudioClock::new(SR);
+    let mut out = vec![0.0f32; BLOCK];
+    let mono0 = mono_now_ns();
+    let now = clock.now();
+    let ((), allocs) = counted(|| {
+        for block in 0..2_000u64 {
+            let frame = block * BLOCK as u64;
+            dll.observe(frame, mono0 + frame * 20_833 + (block % 7) * 30_000);
+            let bt = dll.block_time(frame, &clock);
+            tx.send(Control::Event(EngineEvent {
+                voice: (block % 8) as u16,
+                at: now.add_nanos((block * 5_000_000) as i64),
+                kind: EventKind::On {
+                    note: 60,
+                    velocity: 90,
+                    lease_until: ClusterTime(u64::MAX),
+                },
+            }));
+            engine.render_block(bt, &mut out);
+            while rec.pop().is_ok() {}
+            while rep.pop().is_ok() {}
+        }
+    });
+    assert_eq!(allocs, 0, "the timed render path allocated {allocs} times");
+    assert!(counters.blocks.load(std::sync::atomic::Ordering::Relaxed) == 2_000);
+}

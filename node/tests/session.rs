@@ -180,6 +180,29 @@ fn control_session_end_to_end() {
         );
         assert_eq!(node.counters().late(), 0);
 
+        // The node reports the note's first frame (protocol 1.2): the paced output puts it on
+        // the grid frame nearest `at`, and says when on CLOCK_MONOTONIC it emits that frame.
+        let onset = c
+            .until(|m| match m {
+                Message::Onset(o) => Some(*o),
+                _ => None,
+            })
+            .await;
+        assert_eq!((onset.voice, onset.note, onset.at), (2, 60, at));
+        assert!(
+            onset.at_frame.nanos_since(at).abs() <= 10_417,
+            "first frame {} ns from at",
+            onset.at_frame.nanos_since(at)
+        );
+        use voicemesh_node::clock::audio::{mono_now_ns, realtime_of_mono};
+        assert!(onset.emitted_mono_ns > 0 && onset.emitted_mono_ns < mono_now_ns());
+        let emitted = clock.to_cluster(realtime_of_mono(onset.emitted_mono_ns));
+        assert!(
+            emitted.nanos_since(onset.at_frame).abs() < 20_000,
+            "emitted at cluster {emitted}, first frame at {}",
+            onset.at_frame
+        );
+
         // CV on a node without CV is answered with an error and counted.
         c.write(&Message::CvSet(CvSet {
             channel: 3,

@@ -41,5 +41,6 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Minor protocol version: additions that older peers of the same major version may ignore.
 ///
 /// History: 1.0 first release; 1.1 added `Status::load_max_permille`; 1.2 added the MCU
-/// messages `CvAssign`, `Control`, `TimeSync` and `CvReport`.
+/// messages `CvAssign`, `Control`, `TimeSync` and `CvReport`, and the node's `Onset` report
+/// (node → coordinator, sent only to a 1.2 peer).
 pub const PROTOCOL_MINOR: u8 = 2;

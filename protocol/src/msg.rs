@@ -162,6 +162,25 @@ pub struct CvSet {
     pub at: ClusterTime,
 }
 
+/// Node → coordinator (protocol 1.2, sent only to a coordinator that speaks 1.2 or later):
+/// a voice started. Lets the coordinator measure how closely the nodes of a cluster start the
+/// notes of one chord (docs/timing.md, "Measurement").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Onset {
+    /// Voice slot on the node.
+    pub voice: VoiceId,
+    /// MIDI note.
+    pub note: u8,
+    /// The `at` of the `VoiceOn` that started it: what the coordinator asked for.
+    pub at: ClusterTime,
+    /// Cluster time of the note's first frame, by the node's audio clock model.
+    pub at_frame: ClusterTime,
+    /// `CLOCK_MONOTONIC` nanoseconds at which the node's audio output emits that first frame
+    /// (0: unknown). Only comparable between processes on one machine, which share the clock.
+    #[serde(default)]
+    pub emitted_mono_ns: u64,
+}
+
 /// Either way: the sender is closing the session on purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bye {
@@ -399,6 +418,8 @@ pub enum Message {
     TimeSync(TimeSync),
     /// See [`CvReport`] (1.2).
     CvReport(CvReport),
+    /// See [`Onset`] (protocol 1.2).
+    Onset(Onset),
 }
 
 impl Message {
@@ -421,6 +442,7 @@ impl Message {
             Message::Control(_) => "control",
             Message::TimeSync(_) => "time_sync",
             Message::CvReport(_) => "cv_report",
+            Message::Onset(_) => "onset",
         }
     }
 

@@ -15,9 +15,9 @@
 use std::path::PathBuf;
 use voicemesh_protocol::{
     Bye, CalPoint, ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvReport, CvSet,
-    ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN, Message, PROTOCOL_MINOR,
-    PROTOCOL_VERSION, Role, RxCounters, Status, TimeSync, Timeline, VoiceOff, VoiceOn, VoiceParam,
-    Welcome, codec, decode_frame, encode_frame,
+    ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN, Message, Onset,
+    PROTOCOL_MINOR, PROTOCOL_VERSION, Role, RxCounters, Status, TimeSync, Timeline, VoiceOff,
+    VoiceOn, VoiceParam, Welcome, codec, decode_frame, encode_frame,
 };
 
 /// One golden vector: file stem and the message it holds.
@@ -136,6 +136,19 @@ fn vectors() -> Vec<Vector> {
                 xruns: 0,
                 late_events: 70_000,
                 load_max_permille: 900,
+            }),
+        },
+        Vector {
+            file: "v1_2_onset",
+            minor: 2,
+            same_body_now: true,
+            describe: "Onset { voice: 5, note: 64, at: 1700000000005000000, at_frame: 1700000000005000417, emitted_mono_ns: 123456789012345 }",
+            message: Message::Onset(Onset {
+                voice: 5,
+                note: 64,
+                at: ClusterTime(1_700_000_000_005_000_000),
+                at_frame: ClusterTime(1_700_000_000_005_000_417),
+                emitted_mono_ns: 123_456_789_012_345,
             }),
         },
         Vector {
@@ -424,6 +437,7 @@ fn variant_index(m: &Message) -> usize {
         Message::Control(_) => 13,
         Message::TimeSync(_) => 14,
         Message::CvReport(_) => 15,
+        Message::Onset(_) => 16,
         // A new variant must get a vector (and an index here) before this test passes.
         _ => panic!("Message variant {} has no golden vector index", m.kind()),
     }
@@ -431,7 +445,7 @@ fn variant_index(m: &Message) -> usize {
 
 #[test]
 fn every_variant_has_a_vector() {
-    let mut seen = [false; 16];
+    let mut seen = [false; 17];
     for v in vectors() {
         seen[variant_index(&v.message)] = true;
     }
@@ -504,7 +518,7 @@ fn golden_vectors_match_both_codecs() {
 /// Each variant has a vector of the current minor or an older one it still encodes the same.
 #[test]
 fn every_variant_is_pinned_at_the_current_version() {
-    let mut seen = [false; 16];
+    let mut seen = [false; 17];
     for v in vectors().iter().filter(|v| v.same_body_now) {
         seen[variant_index(&v.message)] = true;
     }

@@ -9,8 +9,11 @@
 //! that wait *is* the ALSA clock, by design, and the only place the thread blocks. Rendering
 //! allocates nothing (both buffers are allocated before the loop) and takes no lock.
 //!
-//! Block start cluster time = `clock.to_cluster(CLOCK_REALTIME now)` just before rendering
-//! plus the PCM's delay ([`Pcm::delay`]: frames written but not yet heard) converted to ns.
+//! The block's timing comes from the [`AudioClock`] DLL over the count of frames written:
+//! just before rendering, the next frame to be written is heard after the PCM's delay
+//! ([`Pcm::delay`]: frames written but not yet heard), which is one noisy observation per
+//! block; the DLL averages the jitter and follows the card's drift, and the block's cluster
+//! time is the cluster clock's reading of the model's instant.
 //! The block is at most one period long ([`MAX_BLOCK`] at most). Underruns recovered by the
 //! write are the backend's xruns; the load is measured per block from its start to the end of
 //! rendering (the write's wait excluded).
@@ -26,7 +29,8 @@
 
 use super::ffi::alsa::{AlsaError, Pcm, PcmConfig};
 use super::{AudioParams, RunningAudio};
-use crate::clock::{ClusterClock, local_now_ns};
+use crate::clock::ClusterClock;
+use crate::clock::audio::{AudioClock, mono_now_ns};
 use crate::engine::{Engine, EngineCounters};
 use crate::error::NodeError;
 use std::sync::Arc;
@@ -100,14 +104,12 @@ impl Loop {
         // heard, were the device consuming at `sr` from a full buffer.
         let mut written: u64 = 0;
         let mut anchor = super::monotonic_ns();
+        let mut dll = AudioClock::new(sr);
         while !self.shutdown.is_cancelled() {
             let entered = super::monotonic_ns();
             let delay = pcm.delay().unwrap_or(0).max(0) as u64;
-            let start = self
-                .clock
-                .to_cluster(local_now_ns())
-                .add_nanos(frames_to_ns(delay, sr).min(i64::MAX as u64) as i64);
-            engine.render(start, &mut mono);
+            dll.observe(written, mono_now_ns() + frames_to_ns(delay, sr));
+            engine.render_block(dll.block_time(written, &self.clock), &mut mono);
             for (frame, s) in interleaved.chunks_exact_mut(channels).zip(&mono) {
                 frame.fill(*s);
             }
@@ -157,6 +159,7 @@ pub fn start(
         pcm.buffer_frames()
     );
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
+    let onsets = engine.report_onsets();
     let lp = Loop {
         clock: p.clock.clone(),
         counters: p.counters.clone(),
@@ -174,6 +177,7 @@ pub fn start(
         description,
         sample_rate: sr,
         sender,
+        onsets,
         realtime,
         task,
     })

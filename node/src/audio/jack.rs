@@ -7,12 +7,17 @@
 //! the client joins the one named by `$JACK_DEFAULT_SERVER`, else `default`, and
 //! [`NodeError::NoJackServer`] says so when none runs.
 //!
-//! JACK runs the handler on its own real-time thread. Block start cluster time =
-//! `clock.to_cluster(CLOCK_REALTIME now)` at the start of the handler plus the playback
-//! latency of `out`, which the client's [`Monitor`](super::ffi::jack::Monitor) re-reads
-//! whenever JACK reorders the graph or recomputes latencies. When the server reports 0 for
-//! `out` itself (jackd2 may not propagate latency to a client's port), the largest playback
-//! latency of the ports `out` feeds (e.g. `system:playback_1`) is used. The handler also
+//! JACK runs the handler on its own real-time thread. The block's timing comes from the
+//! [`AudioClock`] DLL over JACK's frame counter: every cycle feeds it the cycle's first frame
+//! and its start on JACK's microsecond clock (`jack_get_cycle_times`; jackd2's clock is
+//! `CLOCK_MONOTONIC`), so the card's drift is followed and the callback's jitter averaged out;
+//! the block is heard `playback latency` frames later, the latency of `out` that the client's
+//! [`Monitor`](super::ffi::jack::Monitor) re-reads whenever JACK reorders the graph or
+//! recomputes latencies. When the server reports 0 for `out` itself (jackd2 may not propagate
+//! latency to a client's port), the largest playback latency of the ports `out` feeds (e.g.
+//! `system:playback_1`) is used. Without cycle times (an old libjack, or a server whose
+//! clock is not `CLOCK_MONOTONIC`) the DLL is fed the handler's own entry time and frame
+//! count instead. Onsets report the model's emission instant of their frame. The handler also
 //! moves the monitor's xrun count into the engine counters and records its load; it only
 //! reads and writes atomics and renders: no allocation, no lock, no blocking.
 //!
@@ -22,7 +27,7 @@
 
 use super::ffi::jack::{Client, JackError};
 use super::{AudioParams, RunningAudio};
-use crate::clock::local_now_ns;
+use crate::clock::audio::{AudioClock, mono_now_ns};
 use crate::engine::Engine;
 use crate::error::NodeError;
 use std::sync::Arc;
@@ -79,8 +84,52 @@ pub fn server_running() -> bool {
     Client::open(&format!("voicemesh-probe-{}", std::process::id()), None).is_ok()
 }
 
-fn frames_to_ns(frames: u32, sample_rate: u32) -> u64 {
-    u64::from(frames) * 1_000_000_000 / u64::from(sample_rate.max(1))
+/// Largest distance between JACK's microsecond clock and `CLOCK_MONOTONIC` for the cycle
+/// times to be used as observations.
+const SAME_CLOCK_NS: u64 = 100_000_000;
+
+/// JACK's 32-bit frame counter made monotonic 64-bit.
+#[derive(Debug, Default)]
+struct FrameUnwrap {
+    last: Option<u32>,
+    high: u64,
+}
+
+impl FrameUnwrap {
+    fn unwrap(&mut self, f: u32) -> u64 {
+        if let Some(last) = self.last
+            && f < last
+            && last - f > u32::MAX / 2
+        {
+            self.high += 1 << 32;
+        }
+        self.last = Some(f);
+        self.high | u64::from(f)
+    }
+}
+
+/// Feeds the DLL one cycle and returns the frame the block starts on: JACK's cycle times when
+/// they are on `CLOCK_MONOTONIC`, else the handler's entry time and its own frame count.
+fn observe_cycle(
+    dll: &mut AudioClock,
+    unwrap: &mut FrameUnwrap,
+    own_frames: &mut u64,
+    ct: super::ffi::jack::CycleTimes,
+    entered_mono: u64,
+    nframes: u32,
+) -> u64 {
+    let usecs_ns = ct.current_usecs.saturating_mul(1000);
+    let frame = if ct.current_usecs != 0 && usecs_ns.abs_diff(entered_mono) < SAME_CLOCK_NS {
+        let f = unwrap.unwrap(ct.current_frames);
+        dll.observe(f, usecs_ns);
+        f
+    } else {
+        let f = *own_frames;
+        dll.observe(f, entered_mono);
+        f
+    };
+    *own_frames += u64::from(nframes);
+    frame
 }
 
 /// Starts the engine on `client`: registers `out`, activates, connects to the system
@@ -93,6 +142,7 @@ pub fn start(
     let sr = client.sample_rate();
     let client_name = client.name().to_string();
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
+    let onsets = engine.report_onsets();
     let monitor = client.monitor();
     let sched = Arc::new(SeenSched::default());
 
@@ -102,7 +152,10 @@ pub fn start(
         let clock = p.clock.clone();
         let counters = p.counters.clone();
         let mut xruns_seen = 0u64;
-        move |_nframes: u32, buf: &mut [f32]| {
+        let mut dll = AudioClock::new(sr);
+        let mut unwrap = FrameUnwrap::default();
+        let mut own_frames = 0u64;
+        move |nframes: u32, buf: &mut [f32]| {
             let entered = super::monotonic_ns();
             if !sched.seen.load(Ordering::Relaxed) {
                 let s = crate::rt::current_sched();
@@ -117,12 +170,16 @@ pub fn start(
                     .fetch_add(xruns.wrapping_sub(xruns_seen) as u32, Ordering::Relaxed);
                 xruns_seen = xruns;
             }
-            let now = local_now_ns();
-            let lat = frames_to_ns(monitor.playback_latency().max, sr);
-            let start = clock
-                .to_cluster(now)
-                .add_nanos(lat.min(i64::MAX as u64) as i64);
-            engine.render(start, buf);
+            let frame = observe_cycle(
+                &mut dll,
+                &mut unwrap,
+                &mut own_frames,
+                monitor.cycle_times(),
+                mono_now_ns(),
+                nframes,
+            );
+            let heard = frame + u64::from(monitor.playback_latency().max);
+            engine.render_block(dll.block_time(heard, &clock), buf);
             super::record_block_load(&counters, entered, buf.len(), sr);
         }
     };
@@ -205,6 +262,7 @@ pub fn start(
         description,
         sample_rate: sr,
         sender,
+        onsets,
         realtime,
         task,
     })
@@ -213,6 +271,40 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_counter_unwraps() {
+        let mut u = FrameUnwrap::default();
+        assert_eq!(u.unwrap(u32::MAX - 10), u64::from(u32::MAX - 10));
+        assert_eq!(u.unwrap(5), (1u64 << 32) + 5);
+        assert_eq!(
+            u.unwrap(4),
+            (1u64 << 32) + 4,
+            "a small step back is not a wrap"
+        );
+    }
+
+    #[test]
+    fn cycle_times_feed_the_dll_only_on_the_monotonic_clock() {
+        use super::super::ffi::jack::CycleTimes;
+        let mut dll = AudioClock::new(48_000);
+        let mut u = FrameUnwrap::default();
+        let mut own = 0u64;
+        let mono = 1_000_000_000_000u64;
+        let ct = |frames, usecs| CycleTimes {
+            current_frames: frames,
+            current_usecs: usecs,
+            ..CycleTimes::default()
+        };
+        let f = observe_cycle(&mut dll, &mut u, &mut own, ct(4800, mono / 1000), mono, 256);
+        assert_eq!(f, 4800);
+        assert_eq!(dll.mono_of(4800), mono);
+        // JACK's clock far from CLOCK_MONOTONIC: the handler's own count and time are used.
+        let mut dll = AudioClock::new(48_000);
+        let f = observe_cycle(&mut dll, &mut u, &mut own, ct(9600, 5), mono, 256);
+        assert_eq!(f, 256, "own frame count after one 256-frame cycle");
+        assert_eq!(dll.mono_of(256), mono);
+    }
 
     #[test]
     fn open_errors_name_the_way_out() {

@@ -125,6 +125,8 @@ pub struct RunningAudio {
     pub sample_rate: u32,
     /// The control side of the engine's event queue.
     pub sender: EventSender,
+    /// Every voice start, as rendered (for the session's `Onset` reports).
+    pub onsets: rtrb::Consumer<crate::engine::Onset>,
     /// What real-time treatment the audio thread and the process got (printed at start).
     pub realtime: RtReport,
     /// Resolves when the backend has stopped (after `shutdown`) and its output is complete.

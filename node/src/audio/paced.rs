@@ -1,13 +1,24 @@
 //! The `wav:DIR` and `null` backends: a render thread paced by the cluster clock.
 //!
+//! The device these backends stand for is a *media clock locked to cluster time*, the way an
+//! AES67/Dante interface derives its word clock from PTP: frame `N` of the cluster's sample
+//! grid is heard at cluster time `round(N·1e9/sr)` on every node, so every paced node's frames
+//! sit on the same grid and an event lands on the same grid frame everywhere
+//! ([`grid_time`]). The stream starts at the first grid frame two blocks ahead of the clock.
+//! The frame → cluster-time map is therefore exact and needs no filter (the
+//! [`AudioClock`](crate::clock::audio::AudioClock) DLL is for free-running sound cards: JACK
+//! and ALSA); the device emits grid frame `N` at the local instant the node's
+//! [`ClusterClock`] reads `grid_time(N)`, which is what each onset's `emitted_mono_ns`
+//! reports (on `CLOCK_MONOTONIC`, shared by every process on the machine, so a measurement
+//! can compare nodes against the truth: a node whose clock is off emits off).
+//!
 //! The render thread asks for SCHED_FIFO, then renders [`BLOCK_FRAMES`]-frame blocks; block
-//! `k` starts at frame `n = k·BLOCK_FRAMES`, which sounds at cluster time
-//! `first_frame_cluster_ns + round(n·1e9/sr)`, and is rendered when the cluster clock reaches
-//! the block's *end*: a file has no output latency to hide, so waiting for the block to have
-//! elapsed gives every event stamped inside it its full lookahead to arrive (rendering at the
-//! block's start would make any event less than a block ahead late). Falling more than a block
-//! behind (a stalled thread, a clock step) counts an xrun; the frame → time mapping never
-//! changes.
+//! `k` starts at stream frame `n = k·BLOCK_FRAMES` and is rendered when the cluster clock
+//! reaches the block's *end*: a file has no output latency to hide, so waiting for the block
+//! to have elapsed gives every event stamped inside it its full lookahead to arrive (rendering
+//! at the block's start would make any event less than a block ahead late). Falling more than
+//! a block behind (a stalled thread, a clock step) counts an xrun; the frame → time mapping
+//! never changes.
 //!
 //! With a WAV sink the samples and onsets go through wait-free queues to a writer thread,
 //! which writes `DIR/<id>.wav` (mono 32-bit float) and at shutdown finalizes it and writes
@@ -15,7 +26,7 @@
 
 use super::{AudioParams, RunningAudio};
 use crate::clock::ClusterClock;
-use crate::engine::{Engine, Onset};
+use crate::engine::{BlockTime, Engine, Onset};
 use crate::error::NodeError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,6 +96,23 @@ pub fn frame_time(first: u64, n: u64, sample_rate: u32) -> u64 {
     first + ((u128::from(n) * 1_000_000_000 + sr / 2) / sr) as u64
 }
 
+/// Cluster time of frame `n` of the cluster's sample grid at `sample_rate`: `round(n·1e9/sr)`.
+pub fn grid_time(n: u64, sample_rate: u32) -> u64 {
+    frame_time(0, n, sample_rate)
+}
+
+/// The first grid frame at or after cluster time `t`.
+pub fn grid_frame_at_or_after(t: ClusterTime, sample_rate: u32) -> u64 {
+    let sr = u128::from(sample_rate.max(1));
+    let n = (u128::from(t.0) * sr).div_ceil(1_000_000_000) as u64;
+    // `grid_time` rounds: step back while the previous frame is still at or after `t`.
+    if n > 0 && grid_time(n - 1, sample_rate) >= t.0 {
+        n - 1
+    } else {
+        n
+    }
+}
+
 pub(crate) struct WavOut {
     pub(crate) wav: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
     pub(crate) wav_path: PathBuf,
@@ -108,25 +136,32 @@ pub fn start(
     };
 
     let (mut engine, sender) = Engine::new(p.voices, sr, p.counters.clone());
+    let onsets = engine.report_onsets();
     let rec = wav.map(|w| {
         let onsets = engine.record_onsets();
         let (samples_tx, samples_rx) = rtrb::RingBuffer::<f32>::new(sr as usize * 2);
         (w, onsets, samples_tx, samples_rx)
     });
     let clock = p.clock.clone();
-    let first = clock.now().add_nanos(2 * block_ns(sr) as i64).0;
+    let first_frame = grid_frame_at_or_after(clock.now().add_nanos(2 * block_ns(sr) as i64), sr);
 
     let (realtime, task) =
         super::spawn_audio_thread(format!("vm-audio-{}", p.id), "audio thread", move || {
             match rec {
                 None => {
-                    render_loop(&mut engine, &clock, first, &shutdown, |_, _| {});
+                    render_loop(&mut engine, &clock, first_frame, &shutdown, |_, _| {});
                     Ok(())
                 }
                 Some((w, onsets, mut samples_tx, samples_rx)) => {
                     let finished = Arc::new(AtomicBool::new(false));
                     let f2 = finished.clone();
-                    let meta = (p.id.clone(), p.name.clone(), sr, first, p.counters.clone());
+                    let meta = (
+                        p.id.clone(),
+                        p.name.clone(),
+                        sr,
+                        first_frame,
+                        p.counters.clone(),
+                    );
                     let writer = std::thread::Builder::new()
                         .name(format!("vm-wav-{}", p.id))
                         .spawn(move || write_loop(w, samples_rx, onsets, f2, meta));
@@ -137,7 +172,7 @@ pub fn start(
                         Ok(writer) => {
                             let wt = writer.thread().clone();
                             let counters = p.counters.clone();
-                            render_loop(&mut engine, &clock, first, &shutdown, |block, _| {
+                            render_loop(&mut engine, &clock, first_frame, &shutdown, |block, _| {
                                 for s in block {
                                     if samples_tx.push(*s).is_err() {
                                         // The writer fell two seconds behind: a gap.
@@ -161,6 +196,7 @@ pub fn start(
         description,
         sample_rate: sr,
         sender,
+        onsets,
         realtime,
         task,
     })
@@ -228,21 +264,34 @@ fn wait_until(clock: &ClusterClock, t: ClusterTime, shutdown: &CancellationToken
     }
 }
 
+/// The timing of the paced block starting at grid frame `frame`: its grid time, and the
+/// `CLOCK_MONOTONIC` instant the clock's current model reads it (when the media clock emits it).
+pub fn block_time(clock: &ClusterClock, frame: u64, sample_rate: u32) -> BlockTime {
+    let model = clock.model();
+    let cluster = ClusterTime(grid_time(frame, sample_rate));
+    let local = model.to_local(cluster);
+    BlockTime {
+        cluster,
+        mono_ns: crate::clock::audio::mono_of_realtime(local),
+        frame_ns: 1e9 / f64::from(sample_rate.max(1)) / (1.0 + model.rate),
+    }
+}
+
 fn render_loop(
     engine: &mut Engine,
     clock: &ClusterClock,
-    first: u64,
+    first_frame: u64,
     shutdown: &CancellationToken,
     mut sink: impl FnMut(&[f32], ClusterTime),
 ) {
     let sr = engine.sample_rate();
     let bns = block_ns(sr) as i64;
     let mut buf = [0.0f32; BLOCK_FRAMES];
-    let mut frame = 0u64;
+    let mut frame = first_frame;
     let mut behind = false;
     loop {
-        let start = ClusterTime(frame_time(first, frame, sr));
-        let end = ClusterTime(frame_time(first, frame + BLOCK_FRAMES as u64, sr));
+        let start = ClusterTime(grid_time(frame, sr));
+        let end = ClusterTime(grid_time(frame + BLOCK_FRAMES as u64, sr));
         if !wait_until(clock, end, shutdown) {
             break;
         }
@@ -256,7 +305,7 @@ fn render_loop(
             behind = false;
         }
         let entered = super::monotonic_ns();
-        engine.render(start, &mut buf);
+        engine.render_block(block_time(clock, frame, sr), &mut buf);
         super::record_block_load(engine.counters(), entered, BLOCK_FRAMES, sr);
         sink(&buf, start);
         frame += BLOCK_FRAMES as u64;
@@ -270,7 +319,7 @@ fn write_loop(
     mut samples: rtrb::Consumer<f32>,
     mut onsets: rtrb::Consumer<Onset>,
     finished: Arc<AtomicBool>,
-    (id, name, sample_rate, first, counters): Meta,
+    (id, name, sample_rate, first_frame, counters): Meta,
 ) -> Result<(), NodeError> {
     let wav_err = |path: &Path, e: hound::Error| NodeError::WavWrite {
         path: path.to_path_buf(),
@@ -294,7 +343,7 @@ fn write_loop(
         while let Ok(o) = onsets.pop() {
             let mut o = SidecarOnset::from(o);
             // The file's exact frame → time model (the engine rounds within a block).
-            o.frame_cluster_ns = frame_time(first, o.frame, sample_rate);
+            o.frame_cluster_ns = grid_time(first_frame + o.frame, sample_rate);
             collected.push(o);
         }
         if done {
@@ -311,7 +360,7 @@ fn write_loop(
         id,
         name,
         sample_rate,
-        first_frame_cluster_ns: first,
+        first_frame_cluster_ns: grid_time(first_frame, sample_rate),
         frames,
         late_events: counters.late(),
         onsets: collected,

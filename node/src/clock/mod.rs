@@ -10,6 +10,7 @@
 //! Reads are wait-free (a sequence lock over atomics) so the audio callback may call
 //! [`ClusterClock::now`]; writes come from one thread at a time (the PTP task).
 
+pub mod audio;
 pub mod ptp;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};

@@ -44,6 +44,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use voicemesh_protocol::{ClusterTime, Timeline, VoiceId};
 
+pub use crate::clock::audio::BlockTime;
+
 pub use plugin::{
     API_VERSION, DEFAULT_ENGINE, ENGINE_COUNT, ENGINE_NAMES, EngineInfo, EngineState,
     PARAM_PITCH_SEMITONES, PARAM_VOLUME, ParamInfo, Preset, SynthEngine, Tempo, UnknownEngine,
@@ -128,6 +130,9 @@ pub struct Onset {
     pub frame: u64,
     /// Cluster time of that frame, from the backend's model.
     pub frame_cluster_ns: u64,
+    /// `CLOCK_MONOTONIC` ns at which the backend's device emits that frame (0: unknown, e.g.
+    /// offline rendering). See [`crate::clock::audio::BlockTime`].
+    pub emitted_mono_ns: u64,
 }
 
 /// Counters shared between the audio thread and the session (all atomics, wait-free).
@@ -248,6 +253,8 @@ pub struct Engine {
     pending: Vec<EngineEvent>,
     counters: Arc<EngineCounters>,
     onsets: Option<rtrb::Producer<Onset>>,
+    /// A second onset queue, for the control session's `Onset` reports.
+    onset_reports: Option<rtrb::Producer<Onset>>,
     frame: u64,
     timeline: Option<Timeline>,
 }
@@ -307,6 +314,7 @@ impl Engine {
             pending: Vec::with_capacity(PENDING_CAPACITY),
             counters: counters.clone(),
             onsets: None,
+            onset_reports: None,
             frame: 0,
             timeline: None,
         };
@@ -324,6 +332,14 @@ impl Engine {
     pub fn record_onsets(&mut self) -> rtrb::Consumer<Onset> {
         let (tx, rx) = rtrb::RingBuffer::new(ONSET_QUEUE_CAPACITY);
         self.onsets = Some(tx);
+        rx
+    }
+
+    /// Makes the engine also report every voice start on a second queue (the control
+    /// session's, which sends them to the coordinator); returns its consumer end.
+    pub fn report_onsets(&mut self) -> rtrb::Consumer<Onset> {
+        let (tx, rx) = rtrb::RingBuffer::new(ONSET_QUEUE_CAPACITY);
+        self.onset_reports = Some(tx);
         rx
     }
 
@@ -434,9 +450,10 @@ impl Engine {
         }
     }
 
-    fn apply(&mut self, e: EngineEvent, frame_in_block: usize, block_start: ClusterTime) {
+    fn apply(&mut self, e: EngineEvent, frame_in_block: usize, block: &BlockTime) {
         let idx = usize::from(e.voice);
         let sr = u128::from(self.sample_rate);
+        let block_start = block.cluster;
         match e.kind {
             EventKind::On {
                 note,
@@ -446,17 +463,24 @@ impl Engine {
                 self.synth.note_on(idx, note, velocity);
                 self.gated[idx] = true;
                 self.lease_until[idx] = lease_until.0;
-                if let Some(tx) = self.onsets.as_mut() {
+                if self.onsets.is_some() || self.onset_reports.is_some() {
                     let off_ns = (frame_in_block as u128 * 1_000_000_000 + sr / 2) / sr;
-                    // A full onset queue loses the record, never the note.
-                    let _ = tx.push(Onset {
+                    let onset = Onset {
                         voice: e.voice,
                         note,
                         velocity,
                         at_ns: e.at.0,
                         frame: self.frame + frame_in_block as u64,
                         frame_cluster_ns: block_start.0 + off_ns as u64,
-                    });
+                        emitted_mono_ns: block.mono_of(frame_in_block),
+                    };
+                    // A full onset queue loses the record, never the note.
+                    for tx in [self.onsets.as_mut(), self.onset_reports.as_mut()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let _ = tx.push(onset);
+                    }
                 }
             }
             EventKind::Off => {
@@ -502,6 +526,14 @@ impl Engine {
     /// Renders one block whose first frame sounds at cluster time `block_start`, overwriting
     /// `out`. Real-time safe: no allocation, no lock, no blocking.
     pub fn render(&mut self, block_start: ClusterTime, out: &mut [f32]) {
+        self.render_block(BlockTime::cluster_only(block_start, self.sample_rate), out);
+    }
+
+    /// [`Engine::render`] with the block's full timing from the backend's audio clock model:
+    /// onsets then also carry the `CLOCK_MONOTONIC` instant their first frame is emitted.
+    /// Real-time safe: no allocation, no lock, no blocking.
+    pub fn render_block(&mut self, block: BlockTime, out: &mut [f32]) {
+        let block_start = block.cluster;
         out.fill(0.0);
         self.drain_queue();
 
@@ -531,7 +563,7 @@ impl Engine {
                 self.render_voices(block_start, cursor, &mut out[cursor..off]);
                 cursor = off;
             }
-            self.apply(e, cursor, block_start);
+            self.apply(e, cursor, &block);
             applied += 1;
         }
         self.pending.drain(..applied);
