@@ -441,6 +441,10 @@ fn drive(
                 .map_or(0, |a| a.iter().filter(|n| n["online"] == true).count())
         });
         if online >= NODES {
+            println!(
+                "all {NODES} nodes online {:.2} s after they started",
+                mono_ns().saturating_sub(nodes_started) as f64 / 1e9
+            );
             break;
         }
         if Instant::now() > deadline {
@@ -475,6 +479,25 @@ fn drive(
         }
     }
     let converged_at = converged_at.unwrap_or(nodes_started);
+    let probes: Vec<String> = chords(&api.get("onsets")?)
+        .iter()
+        .filter_map(|c| {
+            let m = c.first_mono?;
+            let s = c.spread_ns?;
+            (m <= converged_at).then(|| {
+                format!(
+                    "{:.1}s:{}{:.1}",
+                    m.saturating_sub(nodes_started) as f64 / 1e9,
+                    if c.nodes < NODES { "(partial)" } else { "" },
+                    s as f64 / 1000.0
+                )
+            })
+        })
+        .collect();
+    println!(
+        "probe chords before convergence (time since the nodes started: spread µs): {}",
+        probes.join(" ")
+    );
     // The measurement.
     on_measure();
     let start = mono_ns();
@@ -712,6 +735,13 @@ pub fn run(b: &SyncBench) -> Result<SyncReport> {
         // The floor: the slave's offsets while the chords were measured (by then it has run
         // as long as the convergence took).
         let rms = ptp4l_rms(&ptp_s.lines(), ptp_from);
+        if rms.is_none() {
+            let lines = ptp_s.lines();
+            println!(
+                "ptp4l printed no offsets while the chords played; its last lines:\n{}",
+                lines[lines.len().saturating_sub(10)..].join("\n")
+            );
+        }
         Ok(report(spreads, conv, nodes_started, rms))
     } else {
         println!("network: loopback (not root: no namespaces, no ptp4l floor)");
