@@ -288,6 +288,26 @@ pub struct CvAssign {
     pub calibration: heapless::Vec<CalPoint, MAX_CV_CAL_POINTS>,
 }
 
+impl CvAssign {
+    /// `channel` doing `function`, every parameter 0 and no calibration table.
+    pub const fn new(channel: u16, function: CvFunction) -> Self {
+        CvAssign {
+            channel,
+            function,
+            voice: 0,
+            midi_channel: 0,
+            param: 0,
+            min_uv: 0,
+            max_uv: 0,
+            base_note: 0,
+            bend_semitones: 0,
+            glide_ms: 0,
+            pulse_ms: 0,
+            calibration: heapless::Vec::new(),
+        }
+    }
+}
+
 /// Which MIDI controller a [`Control`] carries. On the wire: its snake_case name as a str.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

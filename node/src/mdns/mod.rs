@@ -97,9 +97,14 @@ pub struct NodeTxt {
 impl NodeTxt {
     /// The TXT key/value pairs, in [`voicemesh_protocol::discovery::TXT_KEYS`] order.
     pub fn properties(&self) -> Vec<(&'static str, String)> {
+        self.properties_as(voicemesh_protocol::Role::Node)
+    }
+
+    /// [`Self::properties`] of a member of `role` (the MCU simulator advertises `role=mcu`).
+    pub fn properties_as(&self, role: voicemesh_protocol::Role) -> Vec<(&'static str, String)> {
         vec![
             ("id", self.id.clone()),
-            ("role", "node".to_string()),
+            ("role", role.as_str().to_string()),
             ("voices", self.voices.to_string()),
             ("cv", self.cv.to_string()),
             ("proto", voicemesh_protocol::PROTOCOL_VERSION.to_string()),
@@ -111,13 +116,18 @@ impl NodeTxt {
     /// The node's `_voicemesh._udp.local.` instance: named by its id, on host
     /// `vm-<id>.local.`, SRV port = QUIC port.
     pub fn instance(&self) -> ServiceInstance {
+        self.instance_as(voicemesh_protocol::Role::Node)
+    }
+
+    /// [`Self::instance`] of a member of `role`; for an MCU the SRV port is its UDP port.
+    pub fn instance_as(&self, role: voicemesh_protocol::Role) -> ServiceInstance {
         ServiceInstance {
             service_type: NODE_SERVICE.to_owned(),
             instance: self.id.clone(),
             host: format!("vm-{}", host_label(&self.id)),
             port: self.port,
             txt: self
-                .properties()
+                .properties_as(role)
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
