@@ -68,7 +68,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         AudioSpec::Jack | AudioSpec::Auto => JACK_LOOKAHEAD_MS,
         _ => 5,
     };
-    let cfg = coordinator_config(
+    let mut cfg = coordinator_config(
         "demo-coordinator".into(),
         state_dir,
         a.http,
@@ -77,6 +77,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         None,
         scope,
     );
+    cfg.link = a.link || a.net.lan;
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("dashboard: {}", coordinator.dashboard_url());
 

@@ -182,6 +182,13 @@ struct CoordinatorArgs {
     /// Instance id of this coordinator.
     #[arg(long, value_name = "ID", default_value = "coordinator")]
     id: String,
+    /// Take part in Ableton Link sessions (the default; on 127.0.0.1 only, or on every interface
+    /// with --lan).
+    #[arg(long, overrides_with = "no_link")]
+    link: bool,
+    /// Do not take part in Ableton Link.
+    #[arg(long, overrides_with = "link")]
+    no_link: bool,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -252,6 +259,10 @@ struct DemoArgs {
     /// State directory of the demo's coordinator (default: a fresh temporary directory).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Join Ableton Link sessions (on by itself with --lan; off otherwise, since Link
+    /// multicasts).
+    #[arg(long)]
+    link: bool,
     #[command(flatten)]
     net: NetArgs,
 }
@@ -467,7 +478,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let cfg = coordinator_config(
+    let mut cfg = coordinator_config(
         a.id,
         state_dir,
         a.http,
@@ -476,6 +487,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         a.token,
         scope,
     );
+    cfg.link = !a.no_link;
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("coordinator running ({})", scope_text(scope));
     println!("dashboard: {}", coordinator.dashboard_url());

@@ -52,6 +52,30 @@ pub struct Config {
     /// CV voices, routes and calibration tables.
     #[serde(default)]
     pub cv: CvConfig,
+    /// Tempo and Ableton Link settings.
+    #[serde(default)]
+    pub link: LinkConfig,
+}
+
+/// Tempo and Ableton Link settings (docs/link.md).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Bar length in beats: phase is reported modulo it (default 4).
+    #[serde(default = "default_quantum")]
+    pub quantum: f64,
+}
+
+fn default_quantum() -> f64 {
+    crate::tempo::DEFAULT_QUANTUM
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            quantum: default_quantum(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -61,6 +85,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             channels: Vec::new(),
             cv: CvConfig::default(),
+            link: LinkConfig::default(),
         }
     }
 }
@@ -232,7 +257,15 @@ impl Config {
         self.cv.validate().map_err(|e| FieldError {
             field: format!("cv.{}", e.field),
             message: e.message,
-        })
+        })?;
+        let q = self.link.quantum;
+        if !(q.is_finite() && q > 0.0 && q <= 64.0) {
+            return Err(FieldError {
+                field: "link.quantum".into(),
+                message: format!("{q} is not a bar length: use more than 0 and at most 64 beats"),
+            });
+        }
+        Ok(())
     }
 }
 

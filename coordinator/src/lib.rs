@@ -76,6 +76,9 @@ pub struct CoordinatorConfig {
     pub scope: NetScope,
     /// Access token for the HTTP API; `None` loads or creates `state_dir/token`.
     pub token: Option<String>,
+    /// Take part in Ableton Link sessions from the start (off by default in the library, on
+    /// in `voicemesh coordinator`); it can be switched at run time (docs/link.md).
+    pub link: bool,
 }
 
 impl CoordinatorConfig {
@@ -98,6 +101,7 @@ impl CoordinatorConfig {
             lease: Duration::from_secs(1),
             scope: NetScope::Loopback,
             token: None,
+            link: false,
         }
     }
 }
@@ -317,12 +321,13 @@ pub async fn start(
             counters: Default::default(),
             latency: Default::default(),
             next_generation: 0,
-            tempo: tempo::TempoState::new(timeline, tempo::DEFAULT_QUANTUM),
+            tempo: tempo::TempoState::new(timeline, settings.link.quantum),
             mcus: Default::default(),
             onsets: Default::default(),
         }),
         renew_wakeup: tokio::sync::Notify::new(),
         tempo_changed: tokio::sync::Notify::new(),
+        link_enabled: tokio::sync::watch::Sender::new(cfg.link),
     });
 
     let tracker = TaskTracker::new();
@@ -337,6 +342,14 @@ pub async fn start(
     ));
     tracker.spawn(osc_task(shared.clone(), osc_socket, shutdown.clone()));
     tracker.spawn(renew_task(shared.clone(), shutdown.clone()));
+    tracker.spawn(link::glue::run(
+        tempo::TempoHandle::new(shared.clone()),
+        shared.clock.clone(),
+        cfg.scope,
+        shared.link_enabled.subscribe(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
 
     let error = Arc::new(Mutex::new(None));
     let store = Arc::new(http::ConfigStore::new(cfg.state_dir.clone(), settings));

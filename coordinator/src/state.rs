@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub renew_wakeup: Notify,
     /// Woken on every local tempo or transport edit (see [`crate::tempo::TempoHandle`]).
     pub tempo_changed: Notify,
+    /// Whether the Ableton Link peer should run (see [`crate::link::glue`]).
+    pub link_enabled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {

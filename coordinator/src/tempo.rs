@@ -183,6 +183,11 @@ impl TempoHandle {
         g.tempo.playing = playing;
     }
 
+    /// Turns the Ableton Link peer on or off at run time (off sends BYEBYE).
+    pub fn set_link_enabled(&self, on: bool) {
+        self.shared.link_enabled.send_replace(on);
+    }
+
     /// Records the Link peer's status for the snapshot.
     pub fn set_link_status(&self, link: LinkStatus) {
         self.shared.lock().tempo.link = link;
@@ -223,6 +228,7 @@ impl crate::state::Inner {
 struct TempoRequest {
     tempo_bpm: Option<f64>,
     playing: Option<bool>,
+    link: Option<bool>,
 }
 
 /// `POST /api/tempo` `{"tempo_bpm": 128, "playing": true}`: answers with the new snapshot, or
@@ -245,6 +251,9 @@ pub(crate) async fn post_tempo(
     }
     if let Some(p) = req.playing {
         h.set_playing(p);
+    }
+    if let Some(on) = req.link {
+        h.set_link_enabled(on);
     }
     json_ok(&h.snapshot())
 }

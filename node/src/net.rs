@@ -51,6 +51,17 @@ impl NetScope {
 
 /// IPv4 addresses of interfaces that are up, multicast-capable and not loopback.
 pub fn lan_ipv4_addrs() -> Result<Vec<Ipv4Addr>, std::io::Error> {
+    ipv4_addrs_where(|flags| {
+        flags & libc::IFF_UP != 0
+            && flags & libc::IFF_LOOPBACK == 0
+            && flags & libc::IFF_MULTICAST != 0
+    })
+}
+
+/// IPv4 addresses of the interfaces whose `IFF_*` flags satisfy `wanted`.
+pub fn ipv4_addrs_where(
+    wanted: impl Fn(libc::c_int) -> bool,
+) -> Result<Vec<Ipv4Addr>, std::io::Error> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `ifap`; we free it below.
@@ -61,11 +72,7 @@ pub fn lan_ipv4_addrs() -> Result<Vec<Ipv4Addr>, std::io::Error> {
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
         let ifa = unsafe { &*cur };
-        let flags = ifa.ifa_flags as libc::c_int;
-        let wanted = flags & libc::IFF_UP != 0
-            && flags & libc::IFF_LOOPBACK == 0
-            && flags & libc::IFF_MULTICAST != 0;
-        if wanted && !ifa.ifa_addr.is_null() {
+        if wanted(ifa.ifa_flags as libc::c_int) && !ifa.ifa_addr.is_null() {
             // SAFETY: ifa_addr is non-null and points to a sockaddr of the family it names.
             let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
             if family == libc::AF_INET {

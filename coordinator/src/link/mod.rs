@@ -7,6 +7,7 @@
 //! Link's timeline onto the cluster timeline lives beside them. docs/link.md tells what is
 //! supported and how it maps to cluster time.
 
+pub mod glue;
 pub mod peer;
 pub mod wire;
 
