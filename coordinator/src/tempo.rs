@@ -276,6 +276,6 @@ mod tests {
             beat0_micro: 0,
             t0: ClusterTime(0),
         };
-        assert!((bpm_of(&tl) - 112.000_083).abs() < 1e-5);
+        assert!((bpm_of(&tl) - 112.000_059_7).abs() < 1e-6);
     }
 }
