@@ -28,6 +28,11 @@ pub(crate) const IDLE_STATUS: Status = Status {
     xruns: 0,
     late_events: 0,
     load_max_permille: 0,
+    clock_state: voicemesh_protocol::ClockState::Unknown,
+    clock_path_delay_ns: 0,
+    clock_rate_ppb: 0,
+    clock_jitter_ns: 0,
+    clock_steps: 0,
 };
 
 /// Samples kept for the latency summary.
@@ -252,6 +257,8 @@ pub struct NodeSnapshot {
     pub clock_offset_ns: i64,
     /// Whether the node reports its clock as locked.
     pub clock_locked: bool,
+    /// The node's PTP slave, from its last `Status`.
+    pub ptp: PtpSnapshot,
     /// Audio callback load, per mille of the block's time budget: mean over the node's last
     /// status period.
     pub load_mean_permille: u16,
@@ -269,6 +276,37 @@ pub struct NodeSnapshot {
     /// CV channels, DAC codes and datagram counters of an MCU node; `null` for Linux nodes.
     #[serde(default)]
     pub cv: Option<crate::mcu::McuSnapshot>,
+}
+
+/// A node's PTP slave, in a [`NodeSnapshot`] (protocol 1.2 fields of `Status`; `unknown` and
+/// zeros from an older node or before its first `Status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtpSnapshot {
+    /// Servo state: `unlocked`, `locking`, `locked`, `holdover` or `unknown`.
+    pub state: String,
+    /// Latest offset estimate from the grandmaster, ns (positive: the node is ahead).
+    pub offset_ns: i64,
+    /// Latest mean path delay to the grandmaster, ns.
+    pub path_delay_ns: i64,
+    /// Rate correction the node applies to its local clock, ppb.
+    pub rate_ppb: i64,
+    /// RMS of recent offset estimates, ns.
+    pub jitter_ns: i64,
+    /// Clock steps since the node started.
+    pub steps: u32,
+}
+
+impl From<&Status> for PtpSnapshot {
+    fn from(st: &Status) -> Self {
+        PtpSnapshot {
+            state: st.clock_state.as_str().to_string(),
+            offset_ns: st.clock_offset_ns,
+            path_delay_ns: st.clock_path_delay_ns,
+            rate_ppb: st.clock_rate_ppb,
+            jitter_ns: st.clock_jitter_ns,
+            steps: st.clock_steps,
+        }
+    }
 }
 
 /// OSC counters, in a [`ClusterSnapshot`].
@@ -367,6 +405,7 @@ impl Shared {
                     active_voices: u16::try_from(g.alloc.active_voices(id)).unwrap_or(u16::MAX),
                     clock_offset_ns: st.clock_offset_ns,
                     clock_locked: st.clock_locked,
+                    ptp: PtpSnapshot::from(&st),
                     sounding_voices: st.active_voices,
                     load_mean_permille: st.load_permille,
                     load_max_permille: st.load_max_permille,

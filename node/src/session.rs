@@ -258,6 +258,7 @@ impl Session {
             xruns: c.xrun_count(),
             late_events: c.late(),
             load_max_permille: max,
+            ..self.shared.ptp.wire_status()
         })
     }
 

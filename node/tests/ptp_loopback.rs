@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use voicemesh_node::clock::ClusterClock;
-use voicemesh_node::clock::ptp::{self, PtpConfig, PtpPortState, PtpStatus};
+use voicemesh_node::clock::ptp::{self, PtpConfig, PtpPortState, PtpStatus, ServoState};
 use voicemesh_node::net::NetScope;
 
 /// A network namespace this test created; deleted on drop.
@@ -172,6 +172,7 @@ async fn scenario() {
         );
     }
     assert!(slave.is_locked(), "the slave's clock carries the lock too");
+    assert_eq!(status.servo_state(), ServoState::Locked);
     assert_eq!(status.port_state(), PtpPortState::Slave);
     assert_eq!(gm_status.port_state(), PtpPortState::Master);
     assert_eq!(
@@ -300,6 +301,16 @@ async fn scenario() {
     );
     assert!(!slave.is_locked());
     assert_ne!(status.port_state(), PtpPortState::Slave);
+    assert_eq!(
+        status.servo_state(),
+        ServoState::Holdover,
+        "a slave that lost its master says it holds over"
+    );
+    assert!(
+        status.bmca_runs() >= 10,
+        "the BMCA runs on its interval: {} runs",
+        status.bmca_runs()
+    );
     assert!(!sl.is_finished());
 
     shutdown.cancel();

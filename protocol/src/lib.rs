@@ -41,6 +41,7 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Minor protocol version: additions that older peers of the same major version may ignore.
 ///
 /// History: 1.0 first release; 1.1 added `Status::load_max_permille`; 1.2 added the MCU
-/// messages `CvAssign`, `Control`, `TimeSync` and `CvReport`, and the node's `Onset` report
-/// (node → coordinator, sent only to a 1.2 peer).
+/// messages `CvAssign`, `Control`, `TimeSync` and `CvReport`, the node's `Onset` report
+/// (node → coordinator, sent only to a 1.2 peer), and the PTP fields of `Status`
+/// (`clock_state`, `clock_path_delay_ns`, `clock_rate_ppb`, `clock_jitter_ns`, `clock_steps`).
 pub const PROTOCOL_MINOR: u8 = 2;

@@ -82,8 +82,39 @@ pub struct Heartbeat {
     pub now: ClusterTime,
 }
 
+/// What a node's PTP servo is doing, in [`Status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockState {
+    /// No grandmaster followed yet.
+    Unlocked,
+    /// Following a grandmaster, offset not yet within the lock threshold for long enough.
+    Locking,
+    /// Following a grandmaster within the lock threshold.
+    Locked,
+    /// The grandmaster is gone: the clock free-runs at the last rate learnt.
+    Holdover,
+    /// Not reported: a peer older than protocol 1.2, or a state this build does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl ClockState {
+    /// The name used on the wire and in the HTTP API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ClockState::Unknown => "unknown",
+            ClockState::Unlocked => "unlocked",
+            ClockState::Locking => "locking",
+            ClockState::Locked => "locked",
+            ClockState::Holdover => "holdover",
+        }
+    }
+}
+
 /// Node → coordinator: health and load.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// Voices currently sounding.
     pub active_voices: u16,
@@ -101,6 +132,22 @@ pub struct Status {
     /// time budget. Added in protocol 1.1; a 1.0 peer's `Status` decodes with 0.
     #[serde(default)]
     pub load_max_permille: u16,
+    /// What the node's PTP servo is doing. Added in protocol 1.2 (like the `clock_*` fields
+    /// below); older peers' `Status` decodes with [`ClockState::Unknown`] and zeros.
+    #[serde(default)]
+    pub clock_state: ClockState,
+    /// Latest mean path delay to the grandmaster, ns (1.2).
+    #[serde(default)]
+    pub clock_path_delay_ns: i64,
+    /// Rate correction the node applies to its local clock, parts per billion (1.2).
+    #[serde(default)]
+    pub clock_rate_ppb: i64,
+    /// Root mean square of recent offset estimates, ns (1.2).
+    #[serde(default)]
+    pub clock_jitter_ns: i64,
+    /// How many times the node's servo stepped its clock since start (1.2).
+    #[serde(default)]
+    pub clock_steps: u32,
 }
 
 /// Coordinator → node: start a voice at `at`.

@@ -14,8 +14,8 @@
 
 use std::path::PathBuf;
 use voicemesh_protocol::{
-    Bye, CalPoint, ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvReport, CvSet,
-    ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN, Message, Onset,
+    Bye, CalPoint, ClockState, ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvReport,
+    CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_FRAME_LEN, Message, Onset,
     PROTOCOL_MINOR, PROTOCOL_VERSION, Role, RxCounters, Status, TimeSync, Timeline, VoiceOff,
     VoiceOn, VoiceParam, Welcome, codec, decode_frame, encode_frame,
 };
@@ -121,13 +121,14 @@ fn vectors() -> Vec<Vector> {
                 xruns: 0,
                 late_events: 70_000,
                 load_max_permille: 0,
+                ..Status::default()
             }),
         },
         Vector {
             file: "v1_1_status",
             minor: 1,
-            same_body_now: true,
-            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000, load_max_permille: 900 }",
+            same_body_now: false,
+            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000, load_max_permille: 900 } (1.1: no PTP fields, decode as unknown/0)",
             message: Message::Status(Status {
                 active_voices: 3,
                 clock_offset_ns: -1500,
@@ -136,6 +137,27 @@ fn vectors() -> Vec<Vector> {
                 xruns: 0,
                 late_events: 70_000,
                 load_max_permille: 900,
+                ..Status::default()
+            }),
+        },
+        Vector {
+            file: "v1_2_status",
+            minor: 2,
+            same_body_now: true,
+            describe: "Status { active_voices: 3, clock_offset_ns: -1500, clock_locked: true, load_permille: 250, xruns: 0, late_events: 70000, load_max_permille: 900, clock_state: Locked, clock_path_delay_ns: 2800, clock_rate_ppb: -49750, clock_jitter_ns: 420, clock_steps: 1 }",
+            message: Message::Status(Status {
+                active_voices: 3,
+                clock_offset_ns: -1500,
+                clock_locked: true,
+                load_permille: 250,
+                xruns: 0,
+                late_events: 70_000,
+                load_max_permille: 900,
+                clock_state: ClockState::Locked,
+                clock_path_delay_ns: 2_800,
+                clock_rate_ppb: -49_750,
+                clock_jitter_ns: 420,
+                clock_steps: 1,
             }),
         },
         Vector {
@@ -525,10 +547,10 @@ fn every_variant_is_pinned_at_the_current_version() {
     assert!(seen.iter().all(|s| *s), "variants not pinned: {seen:?}");
 }
 
-/// A 1.1 `Status` read by a 1.0 peer: the extra field is skipped, the rest is kept. Simulated
-/// with a struct of the 1.0 shape.
+/// A 1.1 or 1.2 `Status` read by a 1.0 peer: the newer fields are skipped, the rest is kept.
+/// Simulated with a struct of the 1.0 shape.
 #[test]
-fn v1_1_status_body_is_readable_by_the_1_0_shape() {
+fn newer_status_bodies_are_readable_by_the_1_0_shape() {
     #[derive(serde::Deserialize, Debug, PartialEq)]
     struct StatusV10 {
         active_voices: u16,
@@ -542,19 +564,34 @@ fn v1_1_status_body_is_readable_by_the_1_0_shape() {
     enum MessageV10 {
         Status(StatusV10),
     }
-    let golden = parse_hex(&std::fs::read_to_string(golden_dir().join("v1_1_status.hex")).unwrap());
-    let old: MessageV10 = rmp_serde::from_slice(&golden[6..]).expect("1.0 shape decodes 1.1");
-    assert_eq!(
-        old,
-        MessageV10::Status(StatusV10 {
-            active_voices: 3,
-            clock_offset_ns: -1500,
-            clock_locked: true,
-            load_permille: 250,
-            xruns: 0,
-            late_events: 70_000,
-        })
-    );
+    for file in ["v1_1_status.hex", "v1_2_status.hex"] {
+        let golden = parse_hex(&std::fs::read_to_string(golden_dir().join(file)).unwrap());
+        let old: MessageV10 = rmp_serde::from_slice(&golden[6..])
+            .unwrap_or_else(|e| panic!("the 1.0 shape decodes {file}: {e}"));
+        assert_eq!(
+            old,
+            MessageV10::Status(StatusV10 {
+                active_voices: 3,
+                clock_offset_ns: -1500,
+                clock_locked: true,
+                load_permille: 250,
+                xruns: 0,
+                late_events: 70_000,
+            }),
+            "{file}"
+        );
+    }
+}
+
+/// A servo state added by a later minor reads as `Unknown`, not as an error.
+#[test]
+fn unknown_clock_states_read_as_unknown() {
+    let future: ClockState = rmp_serde::from_slice(&rmp_serde::to_vec("drifting").unwrap())
+        .expect("an unknown state decodes");
+    assert_eq!(future, ClockState::Unknown);
+    let known: ClockState = rmp_serde::from_slice(&rmp_serde::to_vec("holdover").unwrap())
+        .expect("a known state decodes");
+    assert_eq!(known, ClockState::Holdover);
 }
 
 /// Every `.hex` file under `tests/golden` is one of [`vectors`]: no stale vectors linger.

@@ -2,16 +2,18 @@
 //!
 //! statime is sans-IO: a [`PtpInstance`] with one port takes packets, transmit stamps and timer
 //! expiries through `handle_*` calls and answers with actions (send this, reset that timer).
-//! This module is the IO around it, one tokio task per role:
+//! [`port::PtpCore`] wraps the port with its timers, the BMCA schedule (every
+//! `bmca_interval`: `start_bmca` → `instance.bmca` → `end_bmca`), lock and holdover tracking,
+//! and is itself sans-IO, so the same code runs here and in the deterministic simulation
+//! ([`sim`]). This module is the IO around it, one tokio task per role:
 //!
 //! 1. open two [`socket::TimestampedSocket`]s on the PTP group 224.0.1.129, event and general
 //!    port, on the scope's multicast interface, kernel software timestamps on;
-//! 2. create the instance and its port, `end_bmca` it and apply its first actions;
-//! 3. loop until shutdown: a received event message goes to `handle_event_receive` with its
-//!    kernel receive stamp, a general one to `handle_general_receive`, a transmit stamp from the
-//!    error queue to `handle_send_timestamp` with the context its `SendEvent` left, an expired
-//!    timer to its `handle_*_timer`, and every `bmca_interval` the port runs the BMCA
-//!    (`start_bmca` → `instance.bmca` → `end_bmca`). Every call's actions are applied at once.
+//! 2. create the instance and the core;
+//! 3. loop until shutdown: a received event message goes to the core with its kernel receive
+//!    stamp, a general one without, a transmit stamp from the error queue with the context its
+//!    send left, and the core's timeout when it comes; after each, what the core wants sent is
+//!    sent.
 //!
 //! Kernel stamps are `CLOCK_REALTIME`; each one is mapped to cluster time through the
 //! [`ClusterClock`] model at the moment it is handed to statime, so statime sees every time on
@@ -22,35 +24,32 @@
 //! priority 64, so it wins the BMCA against any default-priority (128) PTP clock. A node has the
 //! worst priority (255) and never serves time: when its grandmaster is gone statime may call
 //! the node's port master, but the node then sends nothing and its clock free-runs at the last
-//! rate learnt. (statime's own `slave_only` is not used: its BMCA trips a debug assertion when a
-//! slave-only port loses its master.)
+//! rate learnt: the servo state is then [`ServoState::Holdover`], in the status and the log.
+//! (statime's own `slave_only` is not used: its BMCA trips a debug assertion when a slave-only
+//! port loses its master.)
 //!
 //! Bad input never stops the task: a malformed datagram is dropped and counted in
 //! [`PtpStatus::malformed`], socket errors are logged and counted.
 
 pub mod clocks;
+pub mod port;
+pub mod sim;
 pub mod socket;
 
-use self::clocks::{ReferenceClock, SteeredClock, to_ptp_time};
+use self::clocks::{ReferenceClock, SteeredClock};
+use self::port::{Channel, PtpCore, Role};
 use self::socket::{PTP_PRIMARY_GROUP, TimestampedSocket};
 use super::ClusterClock;
 use crate::net::NetScope;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use statime::config::{
-    AcceptAnyMaster, ClockIdentity, DelayMechanism, InstanceConfig, LeapIndicator, PortConfig,
-    PtpMinorVersion, TimePropertiesDS, TimeSource,
-};
-use statime::filters::{KalmanConfiguration, KalmanFilter};
+use statime::Clock;
+use statime::config::{ClockIdentity, LeapIndicator, TimePropertiesDS, TimeSource};
 use statime::observability::port::PortState as StatimePortState;
-use statime::port::{
-    NoForwardedTLVs, Port, PortAction, PortActionIterator, Running, TimestampContext,
-};
-use statime::time::Interval;
-use statime::{Clock, PtpInstance, PtpInstanceState};
+use statime::port::TimestampContext;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -102,8 +101,10 @@ pub const LOCK_THRESHOLD_NS: i64 = 10_000;
 pub const UNLOCK_THRESHOLD_NS: i64 = 100_000;
 /// How long a sent event message waits for its transmit stamp before it is given up.
 const TX_STAMP_TIMEOUT: Duration = Duration::from_millis(200);
-/// The smallest valid PTP message: the common header.
-const PTP_HEADER_LEN: usize = 34;
+
+pub(crate) const fn ns_of(d: Duration) -> u64 {
+    d.as_secs() * 1_000_000_000 + d.subsec_nanos() as u64
+}
 
 /// The state of the PTP port, as in IEEE 1588 (a subset: the ones statime reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +147,7 @@ impl PtpPortState {
         }
     }
 
-    fn from_statime(s: StatimePortState) -> Self {
+    pub(crate) fn from_statime(s: StatimePortState) -> Self {
         match s {
             StatimePortState::Initializing => PtpPortState::Initializing,
             StatimePortState::Listening => PtpPortState::Listening,
@@ -154,6 +155,51 @@ impl PtpPortState {
             StatimePortState::Uncalibrated | StatimePortState::Slave => PtpPortState::Slave,
             StatimePortState::Passive => PtpPortState::Passive,
             StatimePortState::Faulty | StatimePortState::Disabled => PtpPortState::Faulty,
+        }
+    }
+}
+
+/// What a slave's servo is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServoState {
+    /// No master followed yet (or the grandmaster, which steers nothing).
+    Unlocked,
+    /// Following a master, not yet within [`LOCK_THRESHOLD_NS`] for long enough.
+    Locking,
+    /// Following a master, offset within [`LOCK_THRESHOLD_NS`].
+    Locked,
+    /// The master is gone: the clock free-runs at the last rate learnt.
+    Holdover,
+}
+
+impl ServoState {
+    /// The name used in logs and the HTTP API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ServoState::Unlocked => "unlocked",
+            ServoState::Locking => "locking",
+            ServoState::Locked => "locked",
+            ServoState::Holdover => "holdover",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ServoState::Locking,
+            2 => ServoState::Locked,
+            3 => ServoState::Holdover,
+            _ => ServoState::Unlocked,
+        }
+    }
+
+    /// The wire form ([`voicemesh_protocol::ClockState`]).
+    pub fn to_wire(self) -> voicemesh_protocol::ClockState {
+        match self {
+            ServoState::Unlocked => voicemesh_protocol::ClockState::Unlocked,
+            ServoState::Locking => voicemesh_protocol::ClockState::Locking,
+            ServoState::Locked => voicemesh_protocol::ClockState::Locked,
+            ServoState::Holdover => voicemesh_protocol::ClockState::Holdover,
         }
     }
 }
@@ -168,7 +214,11 @@ pub struct PtpStatus {
     jitter_ns: AtomicI64,
     rate_ppb: AtomicI64,
     state: AtomicU8,
+    servo: AtomicU8,
     steps: AtomicU64,
+    last_step_ns: AtomicI64,
+    rebase: AtomicBool,
+    bmca_runs: AtomicU64,
     measurements: AtomicU64,
     malformed: AtomicU64,
     socket_errors: AtomicU64,
@@ -200,6 +250,18 @@ impl PtpStatus {
     pub fn port_state(&self) -> PtpPortState {
         PtpPortState::from_u8(self.state.load(Ordering::Relaxed))
     }
+    /// What the servo is doing (slaves; the grandmaster stays [`ServoState::Unlocked`]).
+    pub fn servo_state(&self) -> ServoState {
+        ServoState::from_u8(self.servo.load(Ordering::Relaxed))
+    }
+    /// The size of the last step, ns (0: never stepped).
+    pub fn last_step_ns(&self) -> i64 {
+        self.last_step_ns.load(Ordering::Relaxed)
+    }
+    /// How many times the BMCA ran.
+    pub fn bmca_runs(&self) -> u64 {
+        self.bmca_runs.load(Ordering::Relaxed)
+    }
     /// How many times the servo stepped the clock.
     pub fn steps(&self) -> u64 {
         self.steps.load(Ordering::Relaxed)
@@ -217,8 +279,65 @@ impl PtpStatus {
         self.socket_errors.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn record_step(&self) {
+    /// The PTP fields of a protocol [`voicemesh_protocol::Status`] (the others default).
+    pub fn wire_status(&self) -> voicemesh_protocol::Status {
+        voicemesh_protocol::Status {
+            clock_offset_ns: self.offset_ns(),
+            clock_locked: self.is_locked(),
+            clock_state: self.servo_state().to_wire(),
+            clock_path_delay_ns: self.path_delay_ns(),
+            clock_rate_ppb: self.rate_ppb(),
+            clock_jitter_ns: self.jitter_ns(),
+            clock_steps: self.steps().min(u64::from(u32::MAX)) as u32,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn record_step(&self, step_ns: i64) {
+        self.last_step_ns.store(step_ns, Ordering::Relaxed);
         self.steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_measurement(&self, offset_ns: i64, delay_ns: i64) {
+        self.offset_ns.store(offset_ns, Ordering::Relaxed);
+        self.path_delay_ns.store(delay_ns, Ordering::Relaxed);
+        self.measurements.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_jitter(&self, jitter_ns: i64) {
+        self.jitter_ns.store(jitter_ns, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_servo(&self, s: ServoState) {
+        let v = match s {
+            ServoState::Unlocked => 0,
+            ServoState::Locking => 1,
+            ServoState::Locked => 2,
+            ServoState::Holdover => 3,
+        };
+        self.servo.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn locked_flag(&self, locked: bool) {
+        self.locked.store(locked, Ordering::Relaxed);
+    }
+
+    /// Asks the steered clock to take its current rate as the base of the next frequency
+    /// (see [`clocks::SteeredClock`]).
+    pub(crate) fn request_rebase(&self) {
+        self.rebase.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn take_rebase(&self) -> bool {
+        self.rebase.swap(false, Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_bmca(&self) {
+        self.bmca_runs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_malformed(&self) {
+        self.malformed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record_rate(&self, rate: f64) {
@@ -226,7 +345,7 @@ impl PtpStatus {
             .store((rate * 1e9).round() as i64, Ordering::Relaxed);
     }
 
-    fn set_state(&self, s: PtpPortState) {
+    pub(crate) fn set_state(&self, s: PtpPortState) {
         self.state.store(s.to_u8(), Ordering::Relaxed);
     }
 
@@ -266,22 +385,8 @@ pub async fn run_grandmaster_with_status(
     shutdown: CancellationToken,
 ) -> Result<(), PtpError> {
     let mut rng = SmallRng::from_entropy();
-    let instance = InstanceConfig {
-        clock_identity: random_identity(&mut rng),
-        priority_1: GRANDMASTER_PRIORITY_1,
-        priority_2: 128,
-        domain_number: cfg.domain,
-        sdo_id: Default::default(),
-        slave_only: false,
-        path_trace: false,
-    };
+    let role = Role::grandmaster(random_identity(&mut rng), cfg.domain);
     let adapter = ReferenceClock::new(clock.clone());
-    let role = Role {
-        instance,
-        master_only: true,
-        never_master: false,
-        steering: false,
-    };
     run(cfg, role, clock, adapter, rng, status, shutdown).await
 }
 
@@ -293,26 +398,8 @@ pub async fn run_slave(
     shutdown: CancellationToken,
 ) -> Result<(), PtpError> {
     let mut rng = SmallRng::from_entropy();
-    let instance = InstanceConfig {
-        clock_identity: random_identity(&mut rng),
-        priority_1: 255,
-        priority_2: 255,
-        domain_number: cfg.domain,
-        sdo_id: Default::default(),
-        // Not statime's `slave_only`: its BMCA trips a debug assertion (a panic in debug
-        // builds) when a slave-only port's master times out while the port is still a slave.
-        // A node is kept off the wire as a master by `never_master` instead.
-        slave_only: false,
-        path_trace: false,
-    };
+    let role = Role::slave(random_identity(&mut rng), cfg.domain);
     let adapter = SteeredClock::new(clock.clone(), status.clone());
-    let role = Role {
-        instance,
-        master_only: false,
-        never_master: true,
-        steering: true,
-    };
-    clock.set_locked(false);
     let result = run(
         cfg,
         role,
@@ -325,7 +412,7 @@ pub async fn run_slave(
     .await;
     // The clock free-runs from here: honest readers must not take it for synchronised.
     clock.set_locked(false);
-    status.locked.store(false, Ordering::Relaxed);
+    status.locked_flag(false);
     result
 }
 
@@ -341,7 +428,7 @@ pub fn tai_time_properties() -> TimePropertiesDS {
 }
 
 /// A random EUI-64 clock identity: several instances may share one host (and its MAC).
-fn random_identity(rng: &mut SmallRng) -> ClockIdentity {
+pub fn random_identity(rng: &mut SmallRng) -> ClockIdentity {
     use rand::RngCore;
     let mut id = [0u8; 8];
     rng.fill_bytes(&mut id);
@@ -350,204 +437,51 @@ fn random_identity(rng: &mut SmallRng) -> ClockIdentity {
     ClockIdentity(id)
 }
 
-#[derive(Clone, Copy)]
-struct Role {
-    instance: InstanceConfig,
-    master_only: bool,
-    /// Whatever statime decides, send nothing while its port is master.
-    never_master: bool,
-    steering: bool,
-}
-
-type PtpPort<'a, C> =
-    Port<'a, Running, AcceptAnyMaster, SmallRng, C, KalmanFilter, RwLock<PtpInstanceState>>;
-
-#[derive(Default)]
-struct Timers {
-    announce: Option<Instant>,
-    sync: Option<Instant>,
-    delay_req: Option<Instant>,
-    announce_receipt: Option<Instant>,
-    filter_update: Option<Instant>,
-}
-
 struct PendingStamp {
     id: u32,
     context: TimestampContext,
     deadline: Instant,
 }
 
-/// Everything around the port: sockets, timers, stamps awaited, the status.
-struct Io {
-    event: TimestampedSocket,
-    general: TimestampedSocket,
-    timers: Timers,
-    pending: VecDeque<PendingStamp>,
-    status: Arc<PtpStatus>,
-    /// Drop every send (see [`Role::never_master`]).
-    mute: bool,
-}
-
-impl Io {
-    fn apply(&mut self, actions: PortActionIterator<'_>) {
-        let now = Instant::now();
-        for action in actions {
-            match action {
-                PortAction::SendEvent { .. } | PortAction::SendGeneral { .. } if self.mute => {}
-                PortAction::SendEvent { context, data, .. } => match self.event.send(data) {
-                    Ok(id) => self.pending.push_back(PendingStamp {
-                        id,
-                        context,
-                        deadline: now + TX_STAMP_TIMEOUT,
-                    }),
-                    Err(e) => {
-                        self.status.count_socket_error();
-                        tracing::warn!(error = %e, "PTP: sending an event message failed");
-                    }
-                },
-                PortAction::SendGeneral { data, .. } => {
-                    if let Err(e) = self.general.send(data) {
-                        self.status.count_socket_error();
-                        tracing::warn!(error = %e, "PTP: sending a general message failed");
-                    }
-                }
-                PortAction::ResetAnnounceTimer { duration } => {
-                    self.timers.announce = Some(now + duration)
-                }
-                PortAction::ResetSyncTimer { duration } => self.timers.sync = Some(now + duration),
-                PortAction::ResetDelayRequestTimer { duration } => {
-                    self.timers.delay_req = Some(now + duration)
-                }
-                PortAction::ResetAnnounceReceiptTimer { duration } => {
-                    self.timers.announce_receipt = Some(now + duration)
-                }
-                PortAction::ResetFilterUpdateTimer { duration } => {
-                    self.timers.filter_update = Some(now + duration)
-                }
-                // One port: there is no other port to forward TLVs to.
-                PortAction::ForwardTLV { .. } => {}
-            }
-        }
-    }
-
-    fn take_pending(&mut self, id: u32) -> Option<TimestampContext> {
-        let pos = self.pending.iter().position(|p| p.id == id)?;
-        self.pending.remove(pos).map(|p| p.context)
-    }
-}
-
-/// Lock detection and statistics of a slave.
-struct LockTracker {
-    /// When the current settling period began (start, step, or master regained).
-    settle_start: Option<std::time::Instant>,
-    good: u32,
-    steps_seen: u64,
-    mean_square: f64,
-}
-
-impl LockTracker {
-    fn new() -> Self {
-        LockTracker {
-            settle_start: None,
-            good: 0,
-            steps_seen: 0,
-            mean_square: 0.0,
-        }
-    }
-
-    /// Takes the servo's estimate after a measurement at `now` and updates `status` (and the
-    /// clock's locked flag).
-    fn sample(
-        &mut self,
-        now: std::time::Instant,
-        offset_ns: i64,
-        delay_ns: i64,
-        status: &PtpStatus,
-        clock: &ClusterClock,
-    ) {
-        status.offset_ns.store(offset_ns, Ordering::Relaxed);
-        status.path_delay_ns.store(delay_ns, Ordering::Relaxed);
-        status.measurements.fetch_add(1, Ordering::Relaxed);
-        let o = offset_ns as f64;
-        self.mean_square += (o * o - self.mean_square) / 16.0;
-        status
-            .jitter_ns
-            .store(self.mean_square.sqrt().round() as i64, Ordering::Relaxed);
-        let steps = status.steps();
-        if steps != self.steps_seen {
-            // Right after a step the estimate is near zero whatever the frequency error:
-            // start over.
-            self.steps_seen = steps;
-            self.settle_start = Some(now);
-            self.mean_square = 0.0;
-        }
-        let settle_start = *self.settle_start.get_or_insert(now);
-        if now.duration_since(settle_start) < LOCK_SETTLE_TIME {
-            self.good = 0;
-            self.set(false, status, clock);
-            return;
-        }
-        if offset_ns.abs() < LOCK_THRESHOLD_NS {
-            self.good = self.good.saturating_add(1);
-            if self.good >= LOCK_SAMPLES {
-                self.set(true, status, clock);
-            }
-        } else {
-            self.good = 0;
-            if offset_ns.abs() > UNLOCK_THRESHOLD_NS {
-                self.set(false, status, clock);
-            }
-        }
-    }
-
-    fn lost(&mut self, status: &PtpStatus, clock: &ClusterClock) {
-        self.good = 0;
-        self.settle_start = None;
-        self.set(false, status, clock);
-    }
-
-    fn set(&self, locked: bool, status: &PtpStatus, clock: &ClusterClock) {
-        if status.locked.swap(locked, Ordering::Relaxed) != locked {
-            if locked {
-                tracing::info!(
-                    offset_ns = status.offset_ns(),
-                    delay_ns = status.path_delay_ns(),
-                    "PTP slave locked"
-                );
-            } else {
-                tracing::info!("PTP slave unlocked");
-            }
-        }
-        clock.set_locked(locked);
-    }
-}
-
-/// Checks the common header enough that statime gets only plausible PTPv2 messages, and tells
-/// our own looped-back messages apart. Returns the message type.
-fn classify(data: &[u8], own: &ClockIdentity) -> Result<Option<u8>, ()> {
-    if data.len() < PTP_HEADER_LEN || data[1] & 0x0f != 2 {
-        return Err(());
-    }
-    let len = u16::from_be_bytes([data[2], data[3]]) as usize;
-    if !(PTP_HEADER_LEN..=data.len()).contains(&len) {
-        return Err(());
-    }
-    if data[20..28] == own.0 {
-        return Ok(None);
-    }
-    Ok(Some(data[0] & 0x0f))
-}
-
-const MSG_SYNC: u8 = 0x0;
-/// twoStepFlag, in the first flag byte (offset 6) of the header.
-const FLAG_TWO_STEP: u8 = 0x02;
-const MSG_FOLLOW_UP: u8 = 0x8;
-const MSG_DELAY_RESP: u8 = 0x9;
-
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Sends what the core wants sent; event messages wait for their transmit stamps.
+fn flush<C: Clock>(
+    core: &mut PtpCore<'_, C>,
+    event: &mut TimestampedSocket,
+    general: &mut TimestampedSocket,
+    pending: &mut VecDeque<PendingStamp>,
+    status: &PtpStatus,
+) {
+    while let Some(t) = core.poll_transmit() {
+        match t.channel {
+            Channel::Event => match event.send(&t.data) {
+                Ok(id) => {
+                    if let Some(context) = t.context {
+                        pending.push_back(PendingStamp {
+                            id,
+                            context,
+                            deadline: Instant::now() + TX_STAMP_TIMEOUT,
+                        });
+                    }
+                }
+                Err(e) => {
+                    status.count_socket_error();
+                    tracing::warn!(error = %e, "PTP: sending an event message failed");
+                }
+            },
+            Channel::General => {
+                if let Err(e) = general.send(&t.data) {
+                    status.count_socket_error();
+                    tracing::warn!(error = %e, "PTP: sending a general message failed");
+                }
+            }
+        }
     }
 }
 
@@ -561,13 +495,12 @@ async fn run<C: Clock + Send>(
     shutdown: CancellationToken,
 ) -> Result<(), PtpError> {
     let iface = cfg.scope.multicast_if();
-    let event = TimestampedSocket::open(PTP_PRIMARY_GROUP, cfg.event_port, iface, true).map_err(
-        |source| PtpError::Socket {
+    let mut event = TimestampedSocket::open(PTP_PRIMARY_GROUP, cfg.event_port, iface, true)
+        .map_err(|source| PtpError::Socket {
             port: cfg.event_port,
             source,
-        },
-    )?;
-    let general = TimestampedSocket::open(PTP_PRIMARY_GROUP, cfg.general_port, iface, false)
+        })?;
+    let mut general = TimestampedSocket::open(PTP_PRIMARY_GROUP, cfg.general_port, iface, false)
         .map_err(|source| PtpError::Socket {
             port: cfg.general_port,
             source,
@@ -577,288 +510,80 @@ async fn run<C: Clock + Send>(
         identity = %own,
         event_port = cfg.event_port,
         general_port = cfg.general_port,
+        domain = cfg.domain,
         interface = %iface,
         grandmaster = role.master_only,
         "PTP started"
     );
 
-    let instance = PtpInstance::<KalmanFilter, RwLock<PtpInstanceState>>::new(
-        role.instance,
-        tai_time_properties(),
-    );
-    let port_config = PortConfig {
-        acceptable_master_list: AcceptAnyMaster,
-        delay_mechanism: DelayMechanism::E2E {
-            interval: Interval::from_log_2(LOG_DELAY_REQ_INTERVAL),
-        },
-        announce_interval: Interval::from_log_2(LOG_ANNOUNCE_INTERVAL),
-        announce_receipt_timeout: ANNOUNCE_RECEIPT_TIMEOUT,
-        sync_interval: Interval::from_log_2(LOG_SYNC_INTERVAL),
-        master_only: role.master_only,
-        delay_asymmetry: statime::time::Duration::ZERO,
-        minor_ptp_version: PtpMinorVersion::One,
-    };
-    let port = instance.add_port(port_config, KalmanConfiguration::default(), adapter, rng);
-    let (mut port, first) = port.end_bmca();
-
-    let mut io = Io {
-        event,
-        general,
-        timers: Timers::default(),
-        pending: VecDeque::new(),
-        status: status.clone(),
-        mute: false,
-    };
-    io.apply(first);
-    let mut lock = LockTracker::new();
-    let mut bmca = tokio::time::interval(instance.bmca_interval());
-    bmca.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let instance = role.new_instance();
+    let start = Instant::now();
+    let mono = move || ns_of(Instant::now().duration_since(start));
+    let mut core = PtpCore::new(&instance, role, adapter, model, rng, status.clone(), mono());
+    let mut pending: VecDeque<PendingStamp> = VecDeque::new();
+    flush(&mut core, &mut event, &mut general, &mut pending, &status);
     let mut ebuf = [0u8; 2048];
     let mut gbuf = [0u8; 2048];
 
     loop {
-        // What happened, and whether it may have produced an offset measurement.
-        // A node whose grandmaster is gone lets statime call itself master (its clock
-        // free-runs, which is right) but sends nothing, so no node ever serves time.
-        io.mute = role.never_master && port.is_master();
-        let measured = tokio::select! {
+        let wake = start + Duration::from_nanos(core.poll_timeout());
+        tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            r = io.event.recv_tx_stamp(), if !io.pending.is_empty() => {
-                match r {
-                    Ok(stamp) => {
-                        if let Some(ctx) = io.take_pending(stamp.id) {
-                            let t = to_ptp_time(model.to_cluster(stamp.local_ns));
-                            let actions = port.handle_send_timestamp(ctx, t);
-                            io.apply(actions);
-                        }
-                    }
-                    Err(e) => {
-                        status.count_socket_error();
-                        tracing::warn!(error = %e, "PTP: reading transmit stamps failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+            r = event.recv_tx_stamp(), if !pending.is_empty() => match r {
+                Ok(stamp) => {
+                    if let Some(pos) = pending.iter().position(|p| p.id == stamp.id)
+                        && let Some(p) = pending.remove(pos)
+                    {
+                        core.handle_send_timestamp(mono(), p.context, stamp.local_ns);
                     }
                 }
-                false
-            }
-            r = io.event.recv(&mut ebuf) => match r {
-                Ok(got) => match classify(&ebuf[..got.len], &own) {
-                    Err(()) => {
-                        status.malformed.fetch_add(1, Ordering::Relaxed);
-                        false
+                Err(e) => {
+                    status.count_socket_error();
+                    tracing::warn!(error = %e, "PTP: reading transmit stamps failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            r = event.recv(&mut ebuf) => match r {
+                Ok(got) => match got.local_ns {
+                    Some(local) => core.handle_event(mono(), &ebuf[..got.len], local),
+                    None => {
+                        status.count_socket_error();
+                        tracing::warn!("PTP: event message without a kernel timestamp");
                     }
-                    Ok(None) => false,
-                    Ok(Some(kind)) => match got.local_ns {
-                        Some(local) => {
-                            let t = to_ptp_time(model.to_cluster(local));
-                            let actions = port.handle_event_receive(&ebuf[..got.len], t);
-                            io.apply(actions);
-                            // A two-step Sync measures nothing until its Follow_Up.
-                            kind == MSG_SYNC && ebuf[6] & FLAG_TWO_STEP == 0
-                        }
-                        None => {
-                            status.count_socket_error();
-                            tracing::warn!("PTP: event message without a kernel timestamp");
-                            false
-                        }
-                    },
                 },
                 Err(e) => {
                     status.count_socket_error();
                     tracing::warn!(error = %e, "PTP: receiving on the event port failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    false
                 }
             },
-            r = io.general.recv(&mut gbuf) => match r {
-                Ok(got) => match classify(&gbuf[..got.len], &own) {
-                    Err(()) => {
-                        status.malformed.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                    Ok(None) => false,
-                    Ok(Some(kind)) => {
-                        let actions = port.handle_general_receive(&gbuf[..got.len]);
-                        io.apply(actions);
-                        kind == MSG_FOLLOW_UP || kind == MSG_DELAY_RESP
-                    }
-                },
+            r = general.recv(&mut gbuf) => match r {
+                Ok(got) => core.handle_general(mono(), &gbuf[..got.len]),
                 Err(e) => {
                     status.count_socket_error();
                     tracing::warn!(error = %e, "PTP: receiving on the general port failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    false
                 }
             },
-            _ = sleep_until_opt(io.pending.front().map(|p| p.deadline)) => {
-                if let Some(p) = io.pending.pop_front() {
+            _ = sleep_until_opt(pending.front().map(|p| p.deadline)) => {
+                if let Some(p) = pending.pop_front() {
                     status.count_socket_error();
                     tracing::warn!(id = p.id, "PTP: no transmit stamp for an event message");
                 }
-                false
             }
-            _ = sleep_until_opt(io.timers.sync) => {
-                io.timers.sync = None;
-                let actions = port.handle_sync_timer();
-                io.apply(actions);
-                false
-            }
-            _ = sleep_until_opt(io.timers.delay_req) => {
-                io.timers.delay_req = None;
-                let actions = port.handle_delay_request_timer();
-                io.apply(actions);
-                false
-            }
-            _ = sleep_until_opt(io.timers.announce) => {
-                io.timers.announce = None;
-                let actions = port.handle_announce_timer(&mut NoForwardedTLVs);
-                io.apply(actions);
-                false
-            }
-            _ = sleep_until_opt(io.timers.announce_receipt) => {
-                io.timers.announce_receipt = None;
-                let actions = port.handle_announce_receipt_timer();
-                io.apply(actions);
-                false
-            }
-            _ = sleep_until_opt(io.timers.filter_update) => {
-                io.timers.filter_update = None;
-                let actions = port.handle_filter_update_timer();
-                io.apply(actions);
-                false
-            }
-            _ = bmca.tick() => {
-                let mut in_bmca = port.start_bmca();
-                instance.bmca(&mut [&mut in_bmca]);
-                let (running, actions) = in_bmca.end_bmca();
-                port = running;
-                io.apply(actions);
-                false
-            }
-        };
-        report(&port, role, measured, &mut lock, &status, &model);
+            _ = tokio::time::sleep_until(wake) => core.handle_timeout(mono()),
+        }
+        flush(&mut core, &mut event, &mut general, &mut pending, &status);
     }
     status.set_state(PtpPortState::Initializing);
     tracing::info!(identity = %own, "PTP stopped");
     Ok(())
 }
 
-fn report<C: Clock>(
-    port: &PtpPort<'_, C>,
-    role: Role,
-    measured: bool,
-    lock: &mut LockTracker,
-    status: &PtpStatus,
-    model: &ClusterClock,
-) {
-    let state = match PtpPortState::from_statime(port.port_ds().port_state) {
-        // A muted node is a listener, whatever statime calls it.
-        PtpPortState::Master if role.never_master => PtpPortState::Listening,
-        s => s,
-    };
-    status.set_state(state);
-    if !role.steering {
-        return;
-    }
-    match port.port_current_ds_contribution() {
-        Some(estimate) if measured => {
-            let offset = estimate.offset_from_master.nanos_rounded();
-            let delay = estimate.mean_delay.nanos_rounded();
-            let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-            lock.sample(
-                std::time::Instant::now(),
-                clamp(offset),
-                clamp(delay),
-                status,
-                model,
-            );
-        }
-        Some(_) => {}
-        None => {
-            if status.is_locked() {
-                tracing::warn!("PTP slave lost its master; the cluster clock free-runs");
-            }
-            lock.lost(status, model);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn header(kind: u8, len: u16, id: [u8; 8]) -> Vec<u8> {
-        let mut d = vec![0u8; len as usize];
-        d[0] = kind;
-        d[1] = 2;
-        d[2..4].copy_from_slice(&len.to_be_bytes());
-        d[20..28].copy_from_slice(&id);
-        d
-    }
-
-    #[test]
-    fn classify_rejects_malformed_and_skips_own() {
-        let own = ClockIdentity([1, 2, 3, 4, 5, 6, 7, 8]);
-        let other = [9u8; 8];
-        assert_eq!(classify(&header(0x8, 44, other), &own), Ok(Some(0x8)));
-        assert_eq!(classify(&header(0x8, 44, own.0), &own), Ok(None));
-        assert_eq!(classify(&[0u8; 10], &own), Err(()));
-        let mut v1 = header(0x0, 44, other);
-        v1[1] = 1;
-        assert_eq!(classify(&v1, &own), Err(()));
-        let mut long = header(0x0, 44, other);
-        long[2..4].copy_from_slice(&400u16.to_be_bytes());
-        assert_eq!(classify(&long, &own), Err(()));
-    }
-
-    #[test]
-    fn lock_needs_settling_and_consecutive_good_samples() {
-        let status = PtpStatus::default();
-        let clock = ClusterClock::new();
-        let mut lock = LockTracker::new();
-        let t0 = std::time::Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        // Good estimates during the settling time do not count.
-        for i in 0..20 {
-            lock.sample(ms(i * 50), 1_000, 5_000, &status, &clock);
-        }
-        assert!(!status.is_locked());
-        let after = LOCK_SETTLE_TIME.as_millis() as u64;
-        for i in 0..LOCK_SAMPLES as u64 - 1 {
-            lock.sample(ms(after + i), 1_000, 5_000, &status, &clock);
-        }
-        assert!(!status.is_locked());
-        lock.sample(ms(after + 100), 1_000, 5_000, &status, &clock);
-        assert!(status.is_locked() && clock.is_locked());
-        lock.sample(ms(after + 101), 50_000, 5_000, &status, &clock);
-        assert!(
-            status.is_locked(),
-            "hysteresis: a middling sample keeps the lock"
-        );
-        lock.sample(ms(after + 102), 150_000, 5_000, &status, &clock);
-        assert!(!status.is_locked(), "a large offset unlocks");
-        for i in 0..LOCK_SAMPLES as u64 {
-            lock.sample(ms(after + 200 + i), 1_000, 5_000, &status, &clock);
-        }
-        assert!(status.is_locked());
-        // A step starts settling again.
-        status.record_step();
-        let stepped = after + 1_000;
-        for i in 0..20 {
-            lock.sample(ms(stepped + i * 50), 0, 5_000, &status, &clock);
-            assert!(
-                !status.is_locked() && !clock.is_locked(),
-                "a step restarts settling"
-            );
-        }
-        for i in 0..LOCK_SAMPLES as u64 {
-            lock.sample(ms(stepped + after + i), 0, 5_000, &status, &clock);
-        }
-        assert!(status.is_locked());
-        lock.lost(&status, &clock);
-        assert!(!status.is_locked() && !clock.is_locked());
-        assert_eq!(status.measurements(), 40 + 3 * LOCK_SAMPLES as u64 + 2);
-    }
 
     #[test]
     fn port_state_round_trips() {
@@ -871,6 +596,20 @@ mod tests {
             PtpPortState::Faulty,
         ] {
             assert_eq!(PtpPortState::from_u8(s.to_u8()), s);
+        }
+    }
+
+    #[test]
+    fn servo_state_round_trips() {
+        let status = PtpStatus::default();
+        for s in [
+            ServoState::Unlocked,
+            ServoState::Locking,
+            ServoState::Locked,
+            ServoState::Holdover,
+        ] {
+            status.set_servo(s);
+            assert_eq!(status.servo_state(), s);
         }
     }
 

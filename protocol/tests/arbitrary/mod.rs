@@ -3,8 +3,9 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use voicemesh_protocol::{
-    Bye, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew, MAX_ENGINES,
-    MAX_LEASE_BATCH, Message, Role, Status, Timeline, VoiceOff, VoiceOn, VoiceParam, Welcome,
+    Bye, ClockState, ClusterTime, CvSet, ErrorCode, ErrorMsg, Heartbeat, Hello, LeaseRenew,
+    MAX_ENGINES, MAX_LEASE_BATCH, Message, Role, Status, Timeline, VoiceOff, VoiceOn, VoiceParam,
+    Welcome,
 };
 use voicemesh_protocol::{
     CalPoint, Control, ControlKind, CvAssign, CvFunction, CvReport, MAX_CV_CAL_POINTS,
@@ -195,24 +196,43 @@ pub fn message() -> impl Strategy<Value = Message> {
     );
     let heartbeat =
         (any::<u32>(), time()).prop_map(|(seq, now)| Message::Heartbeat(Heartbeat { seq, now }));
+    let clock_state = prop_oneof![
+        Just(ClockState::Unknown),
+        Just(ClockState::Unlocked),
+        Just(ClockState::Locking),
+        Just(ClockState::Locked),
+        Just(ClockState::Holdover),
+    ];
     let status = (
-        any::<u16>(),
-        any::<i64>(),
-        any::<bool>(),
-        any::<u16>(),
-        any::<u32>(),
-        any::<u32>(),
-        any::<u16>(),
+        (
+            any::<u16>(),
+            any::<i64>(),
+            any::<bool>(),
+            any::<u16>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u16>(),
+        ),
+        (
+            clock_state,
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<u32>(),
+        ),
     )
         .prop_map(
             |(
-                active_voices,
-                clock_offset_ns,
-                clock_locked,
-                load_permille,
-                xruns,
-                late_events,
-                load_max_permille,
+                (
+                    active_voices,
+                    clock_offset_ns,
+                    clock_locked,
+                    load_permille,
+                    xruns,
+                    late_events,
+                    load_max_permille,
+                ),
+                (clock_state, clock_path_delay_ns, clock_rate_ppb, clock_jitter_ns, clock_steps),
             )| {
                 Message::Status(Status {
                     active_voices,
@@ -222,6 +242,11 @@ pub fn message() -> impl Strategy<Value = Message> {
                     xruns,
                     late_events,
                     load_max_permille,
+                    clock_state,
+                    clock_path_delay_ns,
+                    clock_rate_ppb,
+                    clock_jitter_ns,
+                    clock_steps,
                 })
             },
         );

@@ -1,8 +1,8 @@
 //! statime's view of our [`ClusterClock`]: a steerable one for slaves, a read-only one for the
 //! grandmaster.
 
-use crate::clock::ClusterClock;
 use crate::clock::ptp::PtpStatus;
+use crate::clock::{ClusterClock, LocalClock, Realtime};
 use statime::Clock;
 use statime::config::TimePropertiesDS;
 use statime::time::{Duration, Time};
@@ -20,22 +20,37 @@ pub fn to_ptp_time(t: ClusterTime) -> Time {
 /// (the "base"), so a slave restarted after it learnt its rate keeps it, and a model started
 /// off-rate stays off until the servo has measured and corrected it — as a free-running
 /// oscillator would.
+///
+/// Holdover: when the port loses its master, statime's filter sets its best frequency estimate
+/// and is replaced by a fresh one, which on its first measurement sets frequency 0 — statime's
+/// "I know nothing". The PTP core then asks for a rebase ([`PtpStatus`]): the next frequency
+/// is taken relative to the rate the clock free-ran at, so re-acquiring a master starts from
+/// the rate learnt, not from the oscillator's raw error.
 #[derive(Debug)]
-pub struct SteeredClock {
+pub struct SteeredClock<L: LocalClock = Realtime> {
     clock: Arc<ClusterClock>,
+    local: L,
     status: Arc<PtpStatus>,
     base_rate: f64,
     properties: Option<TimePropertiesDS>,
 }
 
-impl SteeredClock {
+impl SteeredClock<Realtime> {
     /// An adapter over `clock`, taking its current rate as the base; steps and rate changes
     /// are reported into `status`.
     pub fn new(clock: Arc<ClusterClock>, status: Arc<PtpStatus>) -> Self {
+        SteeredClock::with_local(clock, Realtime, status)
+    }
+}
+
+impl<L: LocalClock> SteeredClock<L> {
+    /// [`SteeredClock::new`] over the local clock `local`.
+    pub fn with_local(clock: Arc<ClusterClock>, local: L, status: Arc<PtpStatus>) -> Self {
         let base_rate = clock.model().rate;
         status.record_rate(base_rate);
         SteeredClock {
             clock,
+            local,
             status,
             base_rate,
             properties: None,
@@ -48,26 +63,29 @@ impl SteeredClock {
     }
 }
 
-impl Clock for SteeredClock {
+impl<L: LocalClock> Clock for SteeredClock<L> {
     type Error = core::convert::Infallible;
 
     fn now(&self) -> Time {
-        to_ptp_time(self.clock.now())
+        to_ptp_time(self.clock.to_cluster(self.local.now_ns()))
     }
 
     fn step_clock(&mut self, offset: Duration) -> Result<Time, Self::Error> {
         let ns = offset
             .nanos_rounded()
             .clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-        self.clock.step(ns);
-        self.status.record_step();
+        self.clock.step_at(self.local.now_ns(), ns);
+        self.status.record_step(ns);
         tracing::info!(step_ns = ns, "PTP slave stepped the cluster clock");
         Ok(self.now())
     }
 
     fn set_frequency(&mut self, ppm: f64) -> Result<Time, Self::Error> {
+        if self.status.take_rebase() {
+            self.base_rate = self.clock.model().rate;
+        }
         let rate = (1.0 + self.base_rate) * (1.0 + ppm * 1e-6) - 1.0;
-        self.clock.set_rate(rate);
+        self.clock.set_rate_at(self.local.now_ns(), rate);
         self.status.record_rate(rate);
         Ok(self.now())
     }
@@ -87,26 +105,34 @@ impl Clock for SteeredClock {
 /// The grandmaster's clock: read-only. Steering it is refused (the grandmaster's port is
 /// master-only, so statime never tries).
 #[derive(Debug)]
-pub struct ReferenceClock {
+pub struct ReferenceClock<L: LocalClock = Realtime> {
     clock: Arc<ClusterClock>,
+    local: L,
 }
 
 /// Why the grandmaster's clock refused a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadOnly;
 
-impl ReferenceClock {
+impl ReferenceClock<Realtime> {
     /// An adapter over the coordinator's clock.
     pub fn new(clock: Arc<ClusterClock>) -> Self {
-        ReferenceClock { clock }
+        ReferenceClock::with_local(clock, Realtime)
     }
 }
 
-impl Clock for ReferenceClock {
+impl<L: LocalClock> ReferenceClock<L> {
+    /// [`ReferenceClock::new`] over the local clock `local`.
+    pub fn with_local(clock: Arc<ClusterClock>, local: L) -> Self {
+        ReferenceClock { clock, local }
+    }
+}
+
+impl<L: LocalClock> Clock for ReferenceClock<L> {
     type Error = ReadOnly;
 
     fn now(&self) -> Time {
-        to_ptp_time(self.clock.now())
+        to_ptp_time(self.clock.to_cluster(self.local.now_ns()))
     }
 
     fn step_clock(&mut self, _offset: Duration) -> Result<Time, Self::Error> {
@@ -165,6 +191,23 @@ mod tests {
         assert!(c.model().rate.abs() < 1e-8, "rate {}", c.model().rate);
         a.set_frequency(10.0).unwrap();
         assert!((c.model().rate - 60e-6).abs() < 1e-8);
+    }
+
+    #[test]
+    fn rebase_keeps_the_holdover_rate_for_a_fresh_filter() {
+        let c = Arc::new(ClusterClock::new());
+        c.set_rate(50e-6);
+        let status = Arc::new(PtpStatus::default());
+        let mut a = SteeredClock::new(c.clone(), status.clone());
+        // The servo learnt −49 ppm; the master goes away, the clock free-runs at ≈ 1 ppm.
+        a.set_frequency(-49.0).unwrap();
+        let holdover = c.model().rate;
+        status.request_rebase();
+        // A fresh filter "knows nothing" and sets 0: the holdover rate stays.
+        a.set_frequency(0.0).unwrap();
+        assert!((c.model().rate - holdover).abs() < 1e-15);
+        a.set_frequency(2.0).unwrap();
+        assert!((c.model().rate - (holdover + 2e-6)).abs() < 1e-10);
     }
 
     #[test]
