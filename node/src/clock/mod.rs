@@ -245,13 +245,11 @@ mod tests {
 
     #[test]
     fn clock_with_error_is_off_by_offset_and_rate() {
-        let truth = ClusterClock::new();
         let c = ClusterClock::with_error(-3_000_000, 50.0);
-        let d = c.now().nanos_since(truth.now());
-        assert!(
-            (d + 3_000_000).abs() < 500_000,
-            "offset {d} ns, wanted −3 ms"
-        );
+        let m = c.model();
+        // At its anchor the model is exactly 3 ms behind local + TAI offset.
+        let d = m.anchor_cluster.as_nanos() as i128 - (m.anchor_local + TAI_OFFSET_NS) as i128;
+        assert_eq!(d, -3_000_000);
         assert!((c.model().rate - 50e-6).abs() < 1e-15);
         assert!(!c.is_locked());
     }
