@@ -413,11 +413,15 @@ impl CvEngine {
     }
 
     /// Queues a voice start. A `VoiceOn` equal to the one playing (same note, `at`) only
-    /// extends the lease: the coordinator may re-send held notes.
+    /// extends the lease: the coordinator may re-send held notes. One that starts no later
+    /// than the note the voice already played is stale (a re-send that crossed the `VoiceOff`)
+    /// and is ignored, so a released note never sounds again.
     pub fn voice_on(&mut self, on: VoiceOn) -> Result<(), EngineError> {
         let v = self.voice_mut(on.voice)?;
-        if v.held && v.note == on.note && v.on_at == on.at {
-            v.lease_until = v.lease_until.max(on.lease_until);
+        if v.generation > 0 && on.at <= v.on_at {
+            if v.held && v.note == on.note && v.on_at == on.at {
+                v.lease_until = v.lease_until.max(on.lease_until);
+            }
             return Ok(());
         }
         if self
@@ -799,8 +803,11 @@ impl CvEngine {
         }
     }
 
-    /// The next channel write: changed channels and refreshes, pitch-type outputs first, gates
-    /// and pulses last; `None` when everything is written (or waiting for its DAC).
+    /// The next channel write: changed channels, then refreshes; within each, pitch-type
+    /// outputs first, gates and pulses last — and a gate not before every pitch-type write
+    /// handed out has been reported done, so a gate never lands before its pitch even when
+    /// the glue drives several I2C buses in parallel. `None` when everything is written (or waiting for its DAC or for
+    /// writes in flight).
     pub fn poll_write(&mut self) -> Option<ChannelWrite> {
         let gate_like = |f: CvFunction| {
             matches!(
@@ -808,30 +815,43 @@ impl CvEngine {
                 CvFunction::Gate | CvFunction::Trigger | CvFunction::Clock | CvFunction::Reset
             )
         };
-        for pass_gates in [false, true] {
-            for i in 0..self.channels.len() {
-                let c = &self.channels[i];
-                if gate_like(c.assign.function) != pass_gates
-                    || c.in_flight
-                    || self.dacs.get(usize::from(c.dac)) != Some(&DacState::Ready)
+        // Changes before mere refreshes; within each, pitch-type outputs before gates.
+        for changed_only in [true, false] {
+            for pass_gates in [false, true] {
+                if pass_gates
+                    && self
+                        .channels
+                        .iter()
+                        .any(|c| c.in_flight && !gate_like(c.assign.function))
                 {
-                    continue;
+                    // A gate never overtakes a pitch: a glue running several buses at once
+                    // gets the gates only once every pitch-type write has completed.
+                    return None;
                 }
-                let stale = c.written != Some((c.code, c.seq));
-                if !stale && !c.refresh {
-                    continue;
+                for i in 0..self.channels.len() {
+                    let c = &self.channels[i];
+                    if gate_like(c.assign.function) != pass_gates
+                        || c.in_flight
+                        || self.dacs.get(usize::from(c.dac)) != Some(&DacState::Ready)
+                    {
+                        continue;
+                    }
+                    let stale = c.written != Some((c.code, c.seq));
+                    if !stale && (changed_only || !c.refresh) {
+                        continue;
+                    }
+                    let c = &mut self.channels[i];
+                    c.refresh = false;
+                    c.in_flight = true;
+                    self.stats.writes += 1;
+                    return Some(ChannelWrite {
+                        channel: i as u16,
+                        dac: c.dac,
+                        dac_channel: c.dac_channel,
+                        code: c.code,
+                        seq: c.seq,
+                    });
                 }
-                let c = &mut self.channels[i];
-                c.refresh = false;
-                c.in_flight = true;
-                self.stats.writes += 1;
-                return Some(ChannelWrite {
-                    channel: i as u16,
-                    dac: c.dac,
-                    dac_channel: c.dac_channel,
-                    code: c.code,
-                    seq: c.seq,
-                });
             }
         }
         None

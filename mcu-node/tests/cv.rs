@@ -180,6 +180,44 @@ fn gate_opens_at_its_cluster_time_after_the_pitch_and_closes_on_off() {
 }
 
 #[test]
+fn gates_wait_for_pitch_writes_in_flight() {
+    // A glue with several buses takes every write it can before completing any.
+    let mut e = CvEngine::new(&[V], 1);
+    e.assign(&assign(0, CvFunction::Pitch)).unwrap();
+    e.assign(&assign(1, CvFunction::Gate)).unwrap();
+    while let Some(d) = e.poll_init() {
+        e.init_done(d, true, ClusterTime(0));
+    }
+    let drain = |e: &mut CvEngine| {
+        while let Some(w) = e.poll_write() {
+            e.write_done(w, true, ClusterTime(0));
+        }
+    };
+    e.handle_timeout(ClusterTime(0));
+    drain(&mut e);
+    e.voice_on(VoiceOn {
+        voice: 0,
+        note: 60,
+        velocity: 1,
+        channel: 0,
+        at: ClusterTime(MS),
+        lease_until: ClusterTime(u64::MAX),
+    })
+    .unwrap();
+    e.handle_timeout(ClusterTime(MS));
+    let pitch = e.poll_write().expect("the pitch first");
+    assert_eq!(pitch.channel, 0);
+    assert_eq!(
+        e.poll_write(),
+        None,
+        "the gate waits while the pitch is on the bus"
+    );
+    e.write_done(pitch, true, ClusterTime(MS + 95_000));
+    let gate = e.poll_write().expect("then the gate");
+    assert_eq!((gate.channel, gate.code), (1, 4095));
+}
+
+#[test]
 fn short_gates_last_the_minimum_and_retrigger_leaves_a_gap() {
     let mut r = voice_rig();
     let t = T0 + 50 * MS;
@@ -283,6 +321,30 @@ fn lease_expiry_drops_the_gate_and_renewal_keeps_it() {
     );
     assert_eq!(r.node.engine().code(3), 4095, "renewed voice still open");
     assert_eq!(r.node.engine_stats().lease_expiries, 1);
+}
+
+#[test]
+fn a_re_sent_note_extends_the_lease_and_a_stale_one_never_sounds_again() {
+    let mut r = voice_rig();
+    let t = T0 + 10 * MS;
+    r.send(on(0, 60, t, 50));
+    // The coordinator's 100 ms state refresh re-sends the held note with a later lease.
+    for i in 1..5 {
+        let now = t + i * 40 * MS;
+        r.run_until(Rig::local(now));
+        r.send(on(0, 60, t, 40 * (i + 1) + 50));
+    }
+    r.run_until(Rig::local(t + 200 * MS));
+    assert_eq!(r.node.engine().code(2), 4095, "still held");
+    assert_eq!(r.changes(2).len(), 2, "opened once, never re-triggered");
+    r.send(off(0, t + 210 * MS));
+    r.run_until(Rig::local(t + 220 * MS));
+    assert_eq!(r.node.engine().code(2), 0);
+    // A refresh that was in flight when the note ended arrives late: ignored.
+    r.send(on(0, 60, t, 1000));
+    r.run_until(Rig::local(t + 300 * MS));
+    assert_eq!(r.node.engine().code(2), 0);
+    assert_eq!(r.node.engine_stats().lease_expiries, 0);
 }
 
 #[test]
