@@ -23,8 +23,8 @@ use voicemesh_protocol::cv::{
     pulse_time, scale_u16, u7_to_u16, u14_to_u16,
 };
 use voicemesh_protocol::{
-    ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvSet, Timeline, VoiceId, VoiceOff,
-    VoiceOn,
+    ClusterTime, Control, ControlKind, CvAssign, CvFunction, CvSet, MAX_BPM, MIN_BPM, Timeline,
+    VoiceId, VoiceOff, VoiceOn,
 };
 
 use crate::{DacSpec, MAX_CHANNELS, MAX_DACS};
@@ -388,7 +388,12 @@ impl CvEngine {
     }
 
     /// Follows a tempo change: clock and reset outputs re-align from their next pulse.
-    pub fn set_timeline(&mut self, timeline: Timeline) {
+    pub fn set_timeline(&mut self, mut timeline: Timeline) {
+        // The tempo range a timeline may have (20–999 BPM); a hostile one cannot make a clock
+        // output spin.
+        let fastest = 60_000_000_000 / u64::from(MAX_BPM);
+        let slowest = 60_000_000_000 / u64::from(MIN_BPM);
+        timeline.ns_per_beat = timeline.ns_per_beat.clamp(fastest, slowest);
         if self.timeline != Some(timeline) {
             self.timeline = Some(timeline);
             for c in &mut self.channels {
@@ -424,12 +429,17 @@ impl CvEngine {
             }
             return Ok(());
         }
-        if self
-            .pending
-            .iter()
-            .any(|(_, _, e)| matches!(e, Event::On(p) if *p == on))
-        {
-            return Ok(());
+        // The same note still waiting for its `at` (a re-send before it started): only the
+        // lease moves.
+        for (_, _, e) in self.pending.iter_mut() {
+            if let Event::On(p) = e
+                && p.voice == on.voice
+                && p.note == on.note
+                && p.at == on.at
+            {
+                p.lease_until = p.lease_until.max(on.lease_until);
+                return Ok(());
+            }
         }
         self.push(Event::On(on))
     }
@@ -689,7 +699,8 @@ impl CvEngine {
                     started = Some(t);
                     k += 1;
                 }
-                if started.is_none() && pulse_time(&tl, k, num, den) <= now {
+                if pulse_time(&tl, k, num, den) <= now {
+                    // More than 1024 pulses behind (a stalled glue): skip to the present.
                     k = first_pulse_at_or_after(&tl, now, num, den);
                 }
                 if let Some(t) = started {

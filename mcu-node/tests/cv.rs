@@ -347,6 +347,23 @@ fn a_re_sent_note_extends_the_lease_and_a_stale_one_never_sounds_again() {
     assert_eq!(r.node.engine_stats().lease_expiries, 0);
 }
 
+/// Regression (found by tests/pair.rs): a refresh that re-sends a note before its `at`, with a
+/// later lease, must not queue a second note-on (which re-triggered the gate 1 ms late).
+#[test]
+fn a_note_re_sent_before_its_time_is_one_note() {
+    let mut r = voice_rig();
+    let t = T0 + 10 * MS;
+    r.send(on(0, 60, t, 50));
+    r.send(on(0, 60, t, 150));
+    r.run_until(Rig::local(t + 120 * MS));
+    let g: Vec<(u64, u16)> = r.changes(2).iter().map(|c| (c.0 + T0, c.1)).collect();
+    assert_eq!(
+        g,
+        vec![(T0, 0), (t, 4095)],
+        "opened once, on time, lease extended"
+    );
+}
+
 #[test]
 fn coordinator_silence_drops_every_gate() {
     let mut r = voice_rig();
