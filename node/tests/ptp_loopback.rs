@@ -313,6 +313,77 @@ async fn scenario() {
     );
     assert!(!sl.is_finished());
 
+    // Holdover: the slave free-runs at the rate it learnt. The old grandmaster's clock keeps
+    // running (it is a model over the same CLOCK_REALTIME), so the true offset is measurable:
+    // over 4 s it moves by the residual rate error only, far less than the 50 ppm × 4 s =
+    // 200 µs the slave's clock would drift without the learnt rate.
+    let steps_before = status.steps();
+    let holdover_start = offset_ns(&slave, &master, 0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let holdover_end = offset_ns(&slave, &master, 1);
+    let drift = holdover_end - holdover_start;
+    println!(
+        "holdover: true offset {:.1} µs → {:.1} µs over 4 s (rate {} ppb)",
+        holdover_start as f64 / 1e3,
+        holdover_end as f64 / 1e3,
+        status.rate_ppb()
+    );
+    assert!(
+        drift.abs() < 20_000,
+        "holdover drifted {drift} ns in 4 s"
+    );
+    assert_eq!(status.servo_state(), ServoState::Holdover);
+
+    // A new grandmaster (a restarted coordinator: new identity, its own clock on the same
+    // timescale): the slave re-acquires it by slewing — no step. statime starts a fresh filter
+    // that re-learns the frequency from its first noisy measurements; on a busy loopback
+    // (6–8 µs rms stamp jitter) that moved the clock by up to ~21 µs, slowly (ppm-level rate
+    // changes, nothing audible), so the bound is 50 µs.
+    let master2 = Arc::new(ClusterClock::new());
+    let gm2_stop = CancellationToken::new();
+    let gm2_status = Arc::new(PtpStatus::default());
+    let gm2 = tokio::spawn(ptp::run_grandmaster_with_status(
+        cfg,
+        master2.clone(),
+        gm2_status,
+        gm2_stop.clone(),
+    ));
+    let back = Instant::now();
+    let mut worst = 0i64;
+    let mut i = 0usize;
+    let relocked = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            worst = worst.max(offset_ns(&slave, &master2, i).abs());
+            i += 1;
+            if status.is_locked() {
+                return;
+            }
+        }
+    })
+    .await;
+    gm2_stop.cancel();
+    let _ = gm2.await;
+    assert!(
+        relocked.is_ok(),
+        "no lock to the new grandmaster within 30 s (state {:?})",
+        status.servo_state()
+    );
+    println!(
+        "new grandmaster: locked again after {:.2} s, worst |offset| meanwhile {:.1} µs, \
+         {} steps",
+        back.elapsed().as_secs_f64(),
+        worst as f64 / 1e3,
+        status.steps() - steps_before
+    );
+    assert_eq!(
+        status.steps(),
+        steps_before,
+        "re-acquiring a grandmaster on the same timescale is slewed, not stepped"
+    );
+    assert!(worst < 50_000, "re-acquisition moved the clock {worst} ns off");
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), sl)
         .await
