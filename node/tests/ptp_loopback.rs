@@ -328,10 +328,7 @@ async fn scenario() {
         holdover_end as f64 / 1e3,
         status.rate_ppb()
     );
-    assert!(
-        drift.abs() < 20_000,
-        "holdover drifted {drift} ns in 4 s"
-    );
+    assert!(drift.abs() < 20_000, "holdover drifted {drift} ns in 4 s");
     assert_eq!(status.servo_state(), ServoState::Holdover);
 
     // A new grandmaster (a restarted coordinator: new identity, its own clock on the same
@@ -382,7 +379,10 @@ async fn scenario() {
         steps_before,
         "re-acquiring a grandmaster on the same timescale is slewed, not stepped"
     );
-    assert!(worst < 50_000, "re-acquisition moved the clock {worst} ns off");
+    assert!(
+        worst < 50_000,
+        "re-acquisition moved the clock {worst} ns off"
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), sl)

@@ -236,6 +236,7 @@ fn a_grandmaster_time_jump_causes_exactly_one_step_per_slave() {
             (
                 SimConfig {
                     duration_ns: 60 * S,
+                    general_delay_ns: 60_000_000,
                     ..SimConfig::lan(seed)
                 },
                 vec![Fault::GrandmasterStep {
@@ -311,6 +312,7 @@ fn a_new_grandmaster_close_in_time_is_slewed_to_one_far_off_is_stepped_to_once()
                 (
                     SimConfig {
                         duration_ns: 75 * S,
+                        general_delay_ns: 60_000_000,
                         ..SimConfig::lan(seed)
                     },
                     vec![Fault::NewGrandmaster {

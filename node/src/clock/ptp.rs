@@ -219,6 +219,7 @@ pub struct PtpStatus {
     last_step_ns: AtomicI64,
     rebase: AtomicBool,
     bmca_runs: AtomicU64,
+    stale: AtomicU64,
     measurements: AtomicU64,
     malformed: AtomicU64,
     socket_errors: AtomicU64,
@@ -257,6 +258,10 @@ impl PtpStatus {
     /// The size of the last step, ns (0: never stepped).
     pub fn last_step_ns(&self) -> i64 {
         self.last_step_ns.load(Ordering::Relaxed)
+    }
+    /// Follow_Ups and Delay_Resps dropped because their measurement straddled a clock step.
+    pub fn stale_dropped(&self) -> u64 {
+        self.stale.load(Ordering::Relaxed)
     }
     /// How many times the BMCA ran.
     pub fn bmca_runs(&self) -> u64 {
@@ -334,6 +339,10 @@ impl PtpStatus {
 
     pub(crate) fn count_bmca(&self) {
         self.bmca_runs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_stale(&self) {
+        self.stale.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_malformed(&self) {

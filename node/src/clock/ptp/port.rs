@@ -43,6 +43,9 @@ type PtpPort<'a, C> =
 /// The smallest valid PTP message: the common header.
 const PTP_HEADER_LEN: usize = 34;
 const MSG_SYNC: u8 = 0x0;
+const MSG_DELAY_REQ: u8 = 0x1;
+/// How many unanswered Syncs / Delay_Reqs are remembered for step hygiene.
+const PENDING_KEEP: usize = 8;
 /// twoStepFlag, in the first flag byte (offset 6) of the header.
 const FLAG_TWO_STEP: u8 = 0x02;
 const MSG_FOLLOW_UP: u8 = 0x8;
@@ -175,6 +178,14 @@ pub struct PtpCore<'a, C: Clock> {
     bmca_interval: u64,
     out: VecDeque<Transmit>,
     lock: LockTracker,
+    /// Sequence ids of two-step Syncs received whose Follow_Up has not come yet, and of our
+    /// Delay_Reqs not yet answered: their timestamps are on the clock as it was then.
+    pending_syncs: VecDeque<u16>,
+    pending_reqs: VecDeque<u16>,
+    /// Those of them that straddle a step: statime would pair a pre-step timestamp with a
+    /// post-step one and step again by the same amount, so their completions are dropped.
+    stale_syncs: Vec<u16>,
+    stale_reqs: Vec<u16>,
 }
 
 impl<C: Clock> core::fmt::Debug for PtpCore<'_, C> {
@@ -226,9 +237,14 @@ impl<'a, C: Clock> PtpCore<'a, C> {
             bmca_interval,
             out: VecDeque::new(),
             lock: LockTracker::new(),
+            pending_syncs: VecDeque::new(),
+            pending_reqs: VecDeque::new(),
+            stale_syncs: Vec::new(),
+            stale_reqs: Vec::new(),
         };
         apply(&mut core.timers, &mut core.out, now, first);
-        core.after(now, false);
+        let steps = core.status.steps();
+        core.after(now, false, steps);
         core
     }
 
@@ -247,14 +263,19 @@ impl<'a, C: Clock> PtpCore<'a, C> {
         let Some(kind) = self.classify(data) else {
             return;
         };
+        let two_step = data[6] & FLAG_TWO_STEP != 0;
+        if kind == MSG_SYNC && two_step {
+            remember(&mut self.pending_syncs, seq_id(data));
+        }
+        let steps = self.status.steps();
         let t = to_ptp_time(self.clock.to_cluster(rx_local));
         if let Some(port) = self.port.as_mut() {
             let actions = port.handle_event_receive(data, t);
             apply(&mut self.timers, &mut self.out, now, actions);
         }
         // A two-step Sync measures nothing until its Follow_Up.
-        let measured = kind == MSG_SYNC && data[6] & FLAG_TWO_STEP == 0;
-        self.after(now, measured);
+        let measured = kind == MSG_SYNC && !two_step;
+        self.after(now, measured, steps);
     }
 
     /// A datagram arrived on the general port.
@@ -262,21 +283,43 @@ impl<'a, C: Clock> PtpCore<'a, C> {
         let Some(kind) = self.classify(data) else {
             return;
         };
+        let seq = seq_id(data);
+        let completes = match kind {
+            MSG_FOLLOW_UP => Some((&mut self.pending_syncs, &mut self.stale_syncs)),
+            // Only answers to our own requests (requestingPortIdentity, after the receive
+            // timestamp) complete a measurement of ours.
+            MSG_DELAY_RESP
+                if data.get(44..52) == Some(&self.role.instance.clock_identity.0[..]) =>
+            {
+                Some((&mut self.pending_reqs, &mut self.stale_reqs))
+            }
+            _ => None,
+        };
+        if let Some((pending, stale)) = completes {
+            pending.retain(|s| *s != seq);
+            if let Some(i) = stale.iter().position(|s| *s == seq) {
+                stale.swap_remove(i);
+                self.status.count_stale();
+                return;
+            }
+        }
+        let steps = self.status.steps();
         if let Some(port) = self.port.as_mut() {
             let actions = port.handle_general_receive(data);
             apply(&mut self.timers, &mut self.out, now, actions);
         }
-        self.after(now, kind == MSG_FOLLOW_UP || kind == MSG_DELAY_RESP);
+        self.after(now, kind == MSG_FOLLOW_UP || kind == MSG_DELAY_RESP, steps);
     }
 
     /// The event message sent with `context` left at local time `tx_local` (ns).
     pub fn handle_send_timestamp(&mut self, now: u64, context: TimestampContext, tx_local: u64) {
+        let steps = self.status.steps();
         let t = to_ptp_time(self.clock.to_cluster(tx_local));
         if let Some(port) = self.port.as_mut() {
             let actions = port.handle_send_timestamp(context, t);
             apply(&mut self.timers, &mut self.out, now, actions);
         }
-        self.after(now, false);
+        self.after(now, false, steps);
     }
 
     /// When the core wants [`PtpCore::handle_timeout`] called (glue monotonic ns).
@@ -295,6 +338,7 @@ impl<'a, C: Clock> PtpCore<'a, C> {
                 continue;
             }
             self.timers[i] = None;
+            let steps = self.status.steps();
             let Some(port) = self.port.as_mut() else {
                 continue;
             };
@@ -306,9 +350,10 @@ impl<'a, C: Clock> PtpCore<'a, C> {
                 Timer::FilterUpdate => port.handle_filter_update_timer(),
             };
             apply(&mut self.timers, &mut self.out, now, actions);
-            self.after(now, false);
+            self.after(now, false, steps);
         }
         if self.next_bmca <= now {
+            let steps = self.status.steps();
             // Keep the schedule on its grid; after a long stall, run once and move on.
             self.next_bmca += self.bmca_interval;
             if self.next_bmca <= now {
@@ -322,7 +367,7 @@ impl<'a, C: Clock> PtpCore<'a, C> {
                 apply(&mut self.timers, &mut self.out, now, actions);
             }
             self.status.count_bmca();
-            self.after(now, false);
+            self.after(now, false, steps);
         }
     }
 
@@ -343,13 +388,35 @@ impl<'a, C: Clock> PtpCore<'a, C> {
         }
     }
 
-    /// After every call: mute a node that statime made master, report state, lock, holdover.
-    fn after(&mut self, now: u64, measured: bool) {
+    /// After every call: step hygiene (`steps_before` is the step count before the call), mute
+    /// a node that statime made master, record our Delay_Reqs, report state, lock, holdover.
+    fn after(&mut self, now: u64, measured: bool, steps_before: u64) {
+        if self.status.steps() != steps_before {
+            self.stale_syncs.extend(self.pending_syncs.drain(..));
+            self.stale_reqs.extend(self.pending_reqs.drain(..));
+            let keep = |v: &mut Vec<u16>| {
+                if v.len() > PENDING_KEEP {
+                    v.drain(..v.len() - PENDING_KEEP);
+                }
+            };
+            keep(&mut self.stale_syncs);
+            keep(&mut self.stale_reqs);
+        }
         let Some(port) = self.port.as_ref() else {
             return;
         };
         if self.role.never_master && port.is_master() {
             self.out.clear();
+        }
+        for t in &self.out {
+            if t.channel == Channel::Event
+                && t.data.first().map(|b| b & 0x0f) == Some(MSG_DELAY_REQ)
+            {
+                let seq = seq_id(&t.data);
+                if !self.pending_reqs.contains(&seq) {
+                    remember(&mut self.pending_reqs, seq);
+                }
+            }
         }
         let state = match PtpPortState::from_statime(port.port_ds().port_state) {
             // A muted node is a listener, whatever statime calls it.
@@ -375,6 +442,18 @@ impl<'a, C: Clock> PtpCore<'a, C> {
             None => self.lock.lost(&self.status, &self.clock),
         }
     }
+}
+
+/// The sequenceId of a PTP message (header bytes 30..32; `classify` checked the length).
+fn seq_id(data: &[u8]) -> u16 {
+    u16::from_be_bytes([data[30], data[31]])
+}
+
+fn remember(list: &mut VecDeque<u16>, seq: u16) {
+    if list.len() == PENDING_KEEP {
+        list.pop_front();
+    }
+    list.push_back(seq);
 }
 
 /// Turns statime's actions into owned datagrams and timer deadlines.

@@ -53,6 +53,10 @@ pub struct SimConfig {
     pub stamp_jitter_ns: f64,
     /// Probability that a datagram is lost on its way to one receiver.
     pub loss: f64,
+    /// Random extra delay of general messages (Follow_Up, Delay_Resp, Announce), uniform in
+    /// 0..this, ns: a busy sender answers late, which widens the window in which a clock step
+    /// falls between an event message and the general message that completes its measurement.
+    pub general_delay_ns: u64,
     /// How long to simulate, ns.
     pub duration_ns: u64,
     /// Sample the clocks this often, ns.
@@ -72,6 +76,7 @@ impl SimConfig {
             latency_jitter_ns: 10_000,
             stamp_jitter_ns: 500.0,
             loss: 0.01,
+            general_delay_ns: 0,
             duration_ns: 60_000_000_000,
             sample_every_ns: 100_000_000,
         }
@@ -569,11 +574,14 @@ fn send(
                 *lost += 1;
                 continue;
             }
-            let extra = if cfg.latency_jitter_ns > 0 {
+            let mut extra = if cfg.latency_jitter_ns > 0 {
                 rng.gen_range(0..cfg.latency_jitter_ns)
             } else {
                 0
             };
+            if tx.channel == Channel::General && cfg.general_delay_ns > 0 {
+                extra += rng.gen_range(0..cfg.general_delay_ns);
+            }
             *seq += 1;
             let arrived = t + cfg.latency_ns + extra;
             flight.push(Reverse(InFlight {
