@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Writes a fuzz seed corpus from protocol/tests/golden/*.hex.
 
-Usage: seed_corpus.py OUT_DIR [decode_frame|decode_datagram|link_wire].
+Usage: seed_corpus.py OUT_DIR [decode_frame|decode_datagram|link_wire|rtpmidi].
 decode_frame (default): each input is one seed byte (the target's chunking seed) followed by
 frame bytes: every golden vector alone, and all of them back to back.
 decode_datagram: every golden vector behind a datagram header (docs/wire-protocol.md).
 link_wire: the captured LinkHut ALIVE and a PING (shared/protocols/ableton-link.md §3, §5).
+rtpmidi: an AppleMIDI IN, a CK and the notes' example RTP-MIDI packet (shared/protocols/rtp-midi.md).
 """
 import pathlib
 import sys
@@ -21,6 +22,11 @@ if target == "link_wire":
         "0000001100000000000000000000000000000000006d657034000000067f0000018dee"))
     (out / "ping").write_bytes(bytes.fromhex("5f6c696e6b5f7601015f5f687400000008000000002cf79893"))
     sys.exit(print(f"2 seed inputs for {target} in {out}"))
+if target == "rtpmidi":
+    (out / "in").write_bytes(bytes.fromhex("ffff494e0000000200000001000000077065657200"))
+    (out / "ck").write_bytes(bytes.fromhex("ffff434b00000007000000") + bytes(25))
+    (out / "rtp").write_bytes(bytes.fromhex("80e1efba0000181ce89b583a07903c640a803c00"))
+    sys.exit(print(f"3 seed inputs for {target} in {out}"))
 frames = []
 for path in sorted(golden.glob("*.hex")):
     digits = "".join(line.split("#", 1)[0] for line in path.read_text().splitlines())

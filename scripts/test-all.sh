@@ -27,11 +27,12 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 # Debian packages the tests need (the build needs none: libjack and libasound are loaded at run
 # time; the tests start jackd, use libasound2's null PCM, ptp4l, oscsend/oscdump, ip netns,
-# systemd-analyze, python).
+# systemd-analyze, python, node for node-rtpmidi).
 apt_packages=(
     gcc libc6-dev libasound2 jackd2 iproute2
     python3 python3-venv linuxptp liblo-tools systemd ca-certificates
     qemu-system-arm binutils-arm-none-eabi
+    nodejs npm
 )
 
 started=$(date +%s)
@@ -156,6 +157,21 @@ install_python_venv() {
     echo "Python venv: installed tests/requirements.txt into $venv"
 }
 
+# node-rtpmidi (npm `rtpmidi`, MIT), the RTP-MIDI test peer, into tests/peers/node_modules from
+# the committed lock file. Its optional mDNS add-ons are native builds the tests do not use.
+install_node_peers() {
+    local dir=$repo/tests/peers stamp=$repo/tests/peers/node_modules/.lock.sha256 want
+    want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+    if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        echo "node test peers: up to date ($dir/node_modules)"
+        return
+    fi
+    [[ "${SKIP_INSTALL:-}" == 1 ]] && die "node test peers missing or stale: $dir/node_modules"
+    (cd "$dir" && npm ci --omit=optional --no-audit --no-fund)
+    echo "$want" >"$stamp"
+    echo "node test peers: installed from $dir/package-lock.json"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +276,7 @@ run_tests() {
     : > "$test_log"
     # Tests that judge real-time behaviour (xruns, onsets, detection within 300 ms) run one at a
     # time after the rest, so parallel builds and tests on a 2-core machine cannot starve them.
-    local timed='binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback) | binary(ptp_linuxptp) | binary(mcu_qemu) | binary(mcu_sim)'
+    local timed='binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback) | binary(ptp_linuxptp) | binary(mcu_qemu) | binary(mcu_sim) | binary(rtpmidi_peers) | binary(jack_midi)'
     if command -v cargo-nextest >/dev/null; then
         cargo nextest run --workspace --locked --no-fail-fast -E "not ($timed)" 2>&1 | tee -a "$test_log"
         cargo nextest run --workspace --locked --no-fail-fast -E "$timed" --test-threads 1 2>&1 | tee -a "$test_log"
@@ -306,6 +322,7 @@ banner "install what is missing"
 install_system_packages
 install_rust_parts
 install_python_venv
+install_node_peers
 
 step "cargo fmt --check" cargo fmt --all -- --check
 step "clippy -D warnings" cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -319,6 +336,7 @@ step "tests" run_tests
 step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke decode_frame
 step "fuzz smoke: decode_datagram ${fuzz_seconds}s" fuzz_smoke decode_datagram
 step "fuzz smoke: link_wire 10s" fuzz_smoke link_wire 10
+step "fuzz smoke: rtpmidi 10s" fuzz_smoke rtpmidi 10
 
 current_step=""
 banner "summary"

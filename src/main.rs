@@ -4,6 +4,7 @@
 //! work lives in `voicemesh-coordinator`, `voicemesh-node` and `voicemesh-protocol`.
 
 mod bench_sync;
+mod bench_input;
 mod demo;
 
 use anyhow::{Context, Result, bail};
@@ -57,6 +58,10 @@ enum BenchCommand {
     /// The voice allocator core on 64 nodes × 16 voices: note-on + note-off pairs per second
     /// and the p99 time of one operation. Ends with one line `pairs_per_s=N p99_op_us=M`.
     Alloc(BenchAllocArgs),
+    /// Input latency inside the coordinator: RTP-MIDI and OSC datagram received → VoiceOn
+    /// written to the node's session (median, p99), on loopback in this process. Ends with one
+    /// line `rtpmidi_p50_us=A rtpmidi_p99_us=B osc_p50_us=C osc_p99_us=D`.
+    Input(bench_input::BenchInputArgs),
     /// Onset spread across nodes: a coordinator and three nodes as processes (in network
     /// namespaces on one bridge when run as root, with a ptp4l -S pair as the floor; on
     /// loopback otherwise), node clocks started off on purpose; plays chords over all nodes and
@@ -190,7 +195,58 @@ struct CoordinatorArgs {
     #[arg(long, overrides_with = "link")]
     no_link: bool,
     #[command(flatten)]
+    rtpmidi: RtpMidiArgs,
+    #[command(flatten)]
     net: NetArgs,
+}
+
+#[derive(Debug, Args)]
+struct RtpMidiArgs {
+    /// RTP-MIDI (AppleMIDI) control port; the data port is the one above (0 = RTP-MIDI off).
+    #[arg(long, value_name = "PORT", default_value_t = voicemesh_coordinator::rtpmidi::DEFAULT_PORT)]
+    rtpmidi_port: u16,
+    /// RTP-MIDI session name shown to peers (and advertised over mDNS).
+    #[arg(long, value_name = "NAME", default_value = "VoiceMesh")]
+    rtpmidi_name: String,
+    /// Invite this RTP-MIDI session and keep it: `ip:port`, `ip` (port 5004) or an mDNS
+    /// session name (repeatable).
+    #[arg(long, value_name = "TARGET")]
+    rtpmidi_invite: Vec<String>,
+    /// Drop an RTP-MIDI session silent this long, in seconds (its held notes are released).
+    #[arg(long, value_name = "S", default_value_t = 60.0)]
+    rtpmidi_timeout: f64,
+    /// Take MIDI from a JACK MIDI input port (`voicemesh:midi_in`; the server is
+    /// $JACK_DEFAULT_SERVER or `default`).
+    #[arg(long)]
+    jack_midi: bool,
+    /// Connect this JACK MIDI output port (full name, e.g. `a2j:Keystation [20] (capture):
+    /// Keystation MIDI 1`) to the input at start (repeatable; implies --jack-midi).
+    #[arg(long, value_name = "PORT")]
+    jack_midi_connect: Vec<String>,
+}
+
+impl RtpMidiArgs {
+    fn config(
+        &self,
+        scope: NetScope,
+    ) -> Result<Option<voicemesh_coordinator::rtpmidi::RtpMidiConfig>> {
+        if self.rtpmidi_port == 0 {
+            return Ok(None);
+        }
+        if !(self.rtpmidi_timeout.is_finite() && self.rtpmidi_timeout >= 1.0) {
+            bail!("--rtpmidi-timeout must be at least 1 second");
+        }
+        for t in &self.rtpmidi_invite {
+            voicemesh_coordinator::rtpmidi::Target::parse(t)
+                .map_err(|e| anyhow::anyhow!("--rtpmidi-invite: {e}"))?;
+        }
+        Ok(Some(voicemesh_coordinator::rtpmidi::RtpMidiConfig {
+            control: SocketAddr::new(scope.bind_ip(), self.rtpmidi_port),
+            name: self.rtpmidi_name.clone(),
+            invite: self.rtpmidi_invite.clone(),
+            silence_timeout: Duration::from_secs_f64(self.rtpmidi_timeout),
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -321,6 +377,7 @@ fn main() -> std::process::ExitCode {
                     .await
                     .context("the benchmark thread")?
             }
+            Command::Bench(BenchCommand::Input(a)) => bench_input::run(a).await,
             Command::Bench(BenchCommand::Alloc(a)) => {
                 tokio::task::spawn_blocking(move || bench_alloc(a))
                     .await
@@ -488,10 +545,37 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         scope,
     );
     cfg.link = !a.no_link;
+    let cfg = CoordinatorConfig {
+        rtpmidi: a.rtpmidi.config(scope)?,
+        jack_midi: (a.rtpmidi.jack_midi || !a.rtpmidi.jack_midi_connect.is_empty()).then(|| {
+            voicemesh_coordinator::jack_midi::JackMidiConfig {
+                connect: a.rtpmidi.jack_midi_connect.clone(),
+                ..Default::default()
+            }
+        }),
+        ..coordinator_config(
+            a.id,
+            state_dir,
+            a.http,
+            a.osc,
+            a.lookahead_ms,
+            a.token,
+            scope,
+        )
+    };
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("coordinator running ({})", scope_text(scope));
     println!("dashboard: {}", coordinator.dashboard_url());
     println!("osc: udp://{}", coordinator.osc_addr());
+    if let Some(r) = coordinator.rtpmidi() {
+        println!(
+            "rtpmidi: udp://{} (control; data port +1)",
+            r.control_addr()
+        );
+    }
+    if let Some(p) = coordinator.jack_midi_port() {
+        println!("jack-midi: {p}");
+    }
     let result = coordinator.wait().await;
     shutdown.cancel();
     let _ = ptp_task.await;

@@ -68,6 +68,13 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
         .route("/api/config/channels", get(get_channels).put(put_channels))
         .route("/api/config/cv", get(get_cv).put(put_cv))
         .route("/api/tempo", get(get_tempo).post(crate::tempo::post_tempo))
+        .route("/api/rtpmidi", get(rtpmidi_get))
+        .route("/api/rtpmidi/sessions", axum::routing::post(rtpmidi_invite))
+        .route(
+            "/api/rtpmidi/sessions/{id}",
+            axum::routing::delete(rtpmidi_remove),
+        )
+        .route("/api/rtpmidi/send", axum::routing::post(rtpmidi_send))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -234,6 +241,26 @@ async fn metrics(State(app): State<App>) -> Response {
         out,
     )
         .into_response()
+}
+
+// RTP-MIDI endpoints: the logic is in crate::rtpmidi::api.
+async fn rtpmidi_get(State(app): State<App>) -> Response {
+    crate::rtpmidi::api::get(&app.shared)
+}
+
+async fn rtpmidi_invite(State(app): State<App>, body: Bytes) -> Response {
+    crate::rtpmidi::api::invite(&app.shared, &body)
+}
+
+async fn rtpmidi_remove(
+    State(app): State<App>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    crate::rtpmidi::api::remove(&app.shared, &id)
+}
+
+async fn rtpmidi_send(State(app): State<App>, body: Bytes) -> Response {
+    crate::rtpmidi::api::send(&app.shared, &body)
 }
 
 pub(crate) fn json_ok<T: Serialize>(v: &T) -> Response {

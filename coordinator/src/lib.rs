@@ -21,7 +21,9 @@ mod http;
 pub mod link;
 pub mod mcu;
 pub mod onsets;
+pub mod jack_midi;
 pub mod osc;
+pub mod rtpmidi;
 pub mod session;
 mod state;
 pub mod tempo;
@@ -79,6 +81,11 @@ pub struct CoordinatorConfig {
     /// Take part in Ableton Link sessions from the start (off by default in the library, on
     /// in `voicemesh coordinator`); it can be switched at run time (docs/link.md).
     pub link: bool,
+    /// RTP-MIDI endpoint (control port; data port +1); `None` (the library default) = off;
+    /// `voicemesh coordinator` turns it on at port 5004.
+    pub rtpmidi: Option<rtpmidi::RtpMidiConfig>,
+    /// JACK MIDI input port; `None` = off.
+    pub jack_midi: Option<jack_midi::JackMidiConfig>,
 }
 
 impl CoordinatorConfig {
@@ -102,6 +109,8 @@ impl CoordinatorConfig {
             scope: NetScope::Loopback,
             token: None,
             link: false,
+            rtpmidi: None,
+            jack_midi: None,
         }
     }
 }
@@ -118,6 +127,14 @@ pub enum StartError {
     /// The OSC address is taken.
     #[error("OSC port {0} is already in use (choose another with --osc)")]
     OscPortInUse(SocketAddr),
+    /// The RTP-MIDI control or data port is taken.
+    #[error(
+        "RTP-MIDI port {0} or the one above it is already in use (choose another with --rtpmidi-port, 0 = off)"
+    )]
+    RtpMidiPortInUse(SocketAddr),
+    /// The JACK MIDI input could not be opened.
+    #[error("JACK MIDI input: {0}")]
+    JackMidi(String),
     /// Another bind failure.
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
@@ -180,6 +197,7 @@ pub struct RunningCoordinator {
     tracker: TaskTracker,
     connectors: discovery::Connectors,
     error: Arc<Mutex<Option<RunError>>>,
+    jack_midi_port: Option<String>,
 }
 
 impl RunningCoordinator {
@@ -191,6 +209,16 @@ impl RunningCoordinator {
     /// Where OSC is received (with the real port if 0 was asked for).
     pub fn osc_addr(&self) -> SocketAddr {
         self.osc_addr
+    }
+
+    /// The RTP-MIDI endpoint, when enabled (its control port, invitations, sessions).
+    pub fn rtpmidi(&self) -> Option<&std::sync::Arc<rtpmidi::Handle>> {
+        self.shared.rtpmidi.get()
+    }
+
+    /// The JACK MIDI input port's full name, when enabled.
+    pub fn jack_midi_port(&self) -> Option<&str> {
+        self.jack_midi_port.as_deref()
     }
 
     /// The API access token.
@@ -287,6 +315,24 @@ pub async fn start(
     let osc_addr = osc_socket
         .local_addr()
         .map_err(|e| bind_error(e, "OSC", cfg.osc))?;
+    let rtp_bound = match &cfg.rtpmidi {
+        Some(r) => Some(rtpmidi::bind(r).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                StartError::RtpMidiPortInUse(r.control)
+            } else {
+                StartError::Bind {
+                    what: "RTP-MIDI",
+                    addr: r.control,
+                    source: e,
+                }
+            }
+        })?),
+        None => None,
+    };
+    let jack_input = match &cfg.jack_midi {
+        Some(j) => Some(jack_midi::open(j).map_err(StartError::JackMidi)?),
+        None => None,
+    };
     let endpoint = session::client_endpoint(SocketAddr::new(cfg.scope.bind_ip(), 0))
         .map_err(StartError::Quic)?;
 
@@ -320,6 +366,7 @@ pub async fn start(
             nodes: Default::default(),
             counters: Default::default(),
             latency: Default::default(),
+            latency_rtpmidi: Default::default(),
             next_generation: 0,
             tempo: tempo::TempoState::new(timeline, settings.link.quantum),
             mcus: Default::default(),
@@ -328,6 +375,7 @@ pub async fn start(
         renew_wakeup: tokio::sync::Notify::new(),
         tempo_changed: tokio::sync::Notify::new(),
         link_enabled: tokio::sync::watch::Sender::new(cfg.link),
+        rtpmidi: Default::default(),
     });
 
     let tracker = TaskTracker::new();
@@ -350,6 +398,17 @@ pub async fn start(
         tracker.clone(),
         shutdown.clone(),
     ));
+    if let (Some(r), Some(b)) = (&cfg.rtpmidi, rtp_bound) {
+        let h = rtpmidi::start(r, b, shared.clone(), cfg.scope, &tracker, shutdown.clone());
+        let _ = shared.rtpmidi.set(h);
+    }
+    let jack_midi_port = jack_input.as_ref().map(|i| i.port_name().to_string());
+    if let Some(input) = jack_input {
+        tracing::info!(port = input.port_name(), "JACK MIDI input");
+        let (s, stop) = (shared.clone(), shutdown.clone());
+        // A long-running blocking task: the tracker waits for it at shutdown.
+        tracker.spawn_blocking(move || jack_midi::run(input, s, stop));
+    }
 
     let error = Arc::new(Mutex::new(None));
     let store = Arc::new(http::ConfigStore::new(cfg.state_dir.clone(), settings));
@@ -373,6 +432,7 @@ pub async fn start(
         tracker,
         connectors,
         error,
+        jack_midi_port,
     })
 }
 

@@ -437,6 +437,10 @@ async fn serve(
                     let d = Instant::now().saturating_duration_since(t0);
                     shared.lock().record_latency(d);
                 }
+                if let Some(t0) = out.midi_rx {
+                    let d = Instant::now().saturating_duration_since(t0);
+                    shared.lock().record_midi_latency(d);
+                }
             }
             _ = heartbeat.tick() => {
                 *seq = seq.wrapping_add(1);

@@ -45,6 +45,8 @@ pub const SESSION_QUEUE: usize = 1024;
 pub(crate) struct Outgoing {
     pub msg: Message,
     pub osc_rx: Option<Instant>,
+    /// The moment the RTP-MIDI datagram that caused it arrived (for latency).
+    pub midi_rx: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,8 @@ pub(crate) struct Inner {
     pub nodes: BTreeMap<String, NodeEntry>,
     pub counters: Counters,
     pub latency: VecDeque<u32>,
+    /// RTP-MIDI datagram received → VoiceOn written, µs.
+    pub latency_rtpmidi: VecDeque<u32>,
     pub next_generation: u64,
     /// The cluster timeline and transport (see [`crate::tempo`]).
     pub tempo: TempoState,
@@ -101,6 +105,8 @@ pub(crate) struct Shared {
     pub tempo_changed: Notify,
     /// Whether the Ableton Link peer should run (see [`crate::link::glue`]).
     pub link_enabled: tokio::sync::watch::Sender<bool>,
+    /// The RTP-MIDI endpoint, when enabled.
+    pub rtpmidi: std::sync::OnceLock<Arc<crate::rtpmidi::Handle>>,
 }
 
 impl Shared {
@@ -124,15 +130,51 @@ impl Inner {
     /// Queues the allocator's (or the CV router's) actions on their sessions. `osc_rx` is
     /// stamped on VoiceOns.
     pub fn dispatch(&mut self, actions: Vec<Action>, osc_rx: Option<Instant>) {
+        self.dispatch_stamped(actions, osc_rx, None);
+    }
+
+    /// [`dispatch`](Self::dispatch) for RTP-MIDI input: `midi_rx` is stamped on VoiceOns.
+    pub fn dispatch_midi(&mut self, actions: Vec<Action>, midi_rx: Option<Instant>) {
+        self.dispatch_stamped(actions, None, midi_rx);
+    }
+
+    /// The allocator's and the CV router's actions for one MIDI event at `now`.
+    pub fn midi_actions(
+        &mut self,
+        now: ClusterTime,
+        ev: crate::allocator::MidiEvent,
+    ) -> Vec<Action> {
+        let mut a: Vec<Action> = self
+            .alloc
+            .handle_midi(now, ev)
+            .map(|(n, m)| (n.to_string(), m))
+            .collect();
+        let cv = self.cv.handle_midi(now, &ev);
+        a.extend(cv.into_iter().filter(|(n, _)| self.connected(n)));
+        a
+    }
+
+    fn dispatch_stamped(
+        &mut self,
+        actions: Vec<Action>,
+        osc_rx: Option<Instant>,
+        midi_rx: Option<Instant>,
+    ) {
         for (node, msg) in actions {
-            let stamp = matches!(msg, Message::VoiceOn(_))
-                .then_some(osc_rx)
-                .flatten();
+            let on = matches!(msg, Message::VoiceOn(_));
+            let (stamp, midi_stamp) = if on { (osc_rx, midi_rx) } else { (None, None) };
             let sent = self
                 .nodes
                 .get(&node)
                 .and_then(|n| n.session.as_ref())
-                .map(|(_, tx)| tx.try_send(Outgoing { msg, osc_rx: stamp }).is_ok());
+                .map(|(_, tx)| {
+                    tx.try_send(Outgoing {
+                        msg,
+                        osc_rx: stamp,
+                        midi_rx: midi_stamp,
+                    })
+                    .is_ok()
+                });
             if sent != Some(true) {
                 self.counters.queue_full += 1;
                 tracing::warn!(node, "session queue full or gone; event dropped");
@@ -199,15 +241,24 @@ impl Inner {
     }
 
     pub fn record_latency(&mut self, d: Duration) {
-        if self.latency.len() == LATENCY_SAMPLES {
-            self.latency.pop_front();
-        }
-        self.latency
-            .push_back(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        push_sample(&mut self.latency, d);
     }
 
-    fn latency_summary(&self) -> LatencySummary {
-        let mut v: Vec<u32> = self.latency.iter().copied().collect();
+    pub fn record_midi_latency(&mut self, d: Duration) {
+        push_sample(&mut self.latency_rtpmidi, d);
+    }
+}
+
+fn push_sample(q: &mut VecDeque<u32>, d: Duration) {
+    if q.len() == LATENCY_SAMPLES {
+        q.pop_front();
+    }
+    q.push_back(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+}
+
+impl Inner {
+    fn latency_summary(q: &VecDeque<u32>) -> LatencySummary {
+        let mut v: Vec<u32> = q.iter().copied().collect();
         v.sort_unstable();
         let pct = |p: usize| -> u32 {
             if v.is_empty() {
@@ -338,6 +389,9 @@ pub struct LatencySummary {
 pub struct LatencySnapshot {
     /// From an OSC datagram received to its VoiceOn written to the node's stream.
     pub osc_to_session_us: LatencySummary,
+    /// From an RTP-MIDI datagram received to its VoiceOn written to the node's stream.
+    #[serde(default)]
+    pub rtpmidi_to_session_us: LatencySummary,
 }
 
 /// Allocator and session counters, in a [`ClusterSnapshot`].
@@ -383,12 +437,16 @@ pub struct ClusterSnapshot {
     /// Onset spread of the recent chords (docs/timing.md, "Measurement").
     #[serde(default)]
     pub onsets: crate::onsets::OnsetSummary,
+    /// RTP-MIDI sessions and counters (`null` when RTP-MIDI is off).
+    #[serde(default)]
+    pub rtpmidi: Option<crate::rtpmidi::RtpMidiSnapshot>,
 }
 
 impl Shared {
     pub fn snapshot(&self) -> ClusterSnapshot {
         let now_local = Instant::now();
         let cluster_time = self.now();
+        let rtpmidi = self.rtpmidi.get().map(|h| h.snapshot());
         let g = self.lock();
         let nodes = g
             .nodes
@@ -445,7 +503,8 @@ impl Shared {
                     .collect(),
             },
             latency: LatencySnapshot {
-                osc_to_session_us: g.latency_summary(),
+                osc_to_session_us: Inner::latency_summary(&g.latency),
+                rtpmidi_to_session_us: Inner::latency_summary(&g.latency_rtpmidi),
             },
             voices: VoiceCounters {
                 capacity: g.alloc.capacity() as u64,
@@ -457,6 +516,7 @@ impl Shared {
                 decode_errors: g.counters.decode_errors,
             },
             onsets: g.onsets.summary(),
+            rtpmidi,
         }
     }
 }

@@ -1027,6 +1027,263 @@ impl Drop for ActiveClient {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// MIDI input (used by the coordinator's `--jack-midi`): its own symbol table and process
+// callback, so the audio client above is untouched.
+// ---------------------------------------------------------------------------------------------
+
+/// The port type of JACK's MIDI ports (`JACK_DEFAULT_MIDI_TYPE`).
+const MIDI_TYPE: &std::ffi::CStr = c"8 bit raw midi";
+
+/// `jack_midi_event_t`.
+#[repr(C)]
+struct RawMidi {
+    time: u32,
+    size: usize,
+    buffer: *mut u8,
+}
+
+dl_api! {
+    struct MidiApi {
+        required {
+            jack_midi_get_event_count: unsafe extern "C" fn(*mut c_void) -> u32,
+            jack_midi_event_get: unsafe extern "C" fn(*mut RawMidi, *mut c_void, u32) -> c_int,
+            jack_last_frame_time: unsafe extern "C" fn(*const c_void) -> u32,
+            jack_frames_to_time: unsafe extern "C" fn(*const c_void, u32) -> u64,
+        }
+        optional {}
+    }
+}
+
+static MIDI_API: OnceLock<Result<MidiApi, JackError>> = OnceLock::new();
+
+fn midi_api() -> Result<&'static MidiApi, JackError> {
+    MIDI_API
+        .get_or_init(|| {
+            // SAFETY: as in `load`.
+            let lib = unsafe { libloading::Library::new(LIBRARY) }.map_err(|e| {
+                JackError::NotInstalled {
+                    library: LIBRARY.to_string(),
+                    detail: e.to_string(),
+                }
+            })?;
+            // SAFETY: the types are JACK's documented `jack/midiport.h` declarations.
+            unsafe { MidiApi::from_library(lib) }.map_err(|(symbol, detail)| {
+                JackError::MissingSymbol {
+                    library: LIBRARY.to_string(),
+                    symbol,
+                    detail,
+                }
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// One MIDI event from a [`MidiInput`]: the first three bytes and the full length (SysEx and
+/// other long messages are longer than the bytes kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MidiInEvent {
+    /// When the event's frame plays, on JACK's microsecond clock ([`Client::time_us`]).
+    pub time_us: u64,
+    /// The message's length in bytes.
+    pub len: usize,
+    /// Its first bytes (as many as `len`, at most 3).
+    pub bytes: [u8; 3],
+}
+
+struct MidiState {
+    api: &'static Api,
+    midi: &'static MidiApi,
+    client: *mut c_void,
+    port: *mut c_void,
+    queue: UnsafeCell<rtrb::Producer<MidiInEvent>>,
+    dropped: AtomicU64,
+}
+
+unsafe extern "C" fn midi_trampoline(nframes: u32, arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `MidiState` installed with this callback, alive until after
+    // jack_client_close; only this (process) thread touches the producer.
+    let st = unsafe { &*(arg as *const MidiState) };
+    // SAFETY: an active client's registered port, inside the process callback.
+    let buf = unsafe { (st.api.jack_port_get_buffer)(st.port, nframes) };
+    if buf.is_null() {
+        return 0;
+    }
+    // SAFETY: as above; the producer is ours alone.
+    let (n, first, q) = unsafe {
+        (
+            (st.midi.jack_midi_get_event_count)(buf),
+            (st.midi.jack_last_frame_time)(st.client),
+            &mut *st.queue.get(),
+        )
+    };
+    for i in 0..n {
+        let mut ev = RawMidi {
+            time: 0,
+            size: 0,
+            buffer: ptr::null_mut(),
+        };
+        // SAFETY: a valid out-pointer and port buffer; the event's bytes live for the cycle.
+        if unsafe { (st.midi.jack_midi_event_get)(&mut ev, buf, i) } != 0 || ev.buffer.is_null() {
+            continue;
+        }
+        let mut bytes = [0u8; 3];
+        let keep = ev.size.min(3);
+        // SAFETY: `buffer` holds `size` bytes; `keep` ≤ size.
+        bytes[..keep].copy_from_slice(unsafe { std::slice::from_raw_parts(ev.buffer, keep) });
+        // SAFETY: an active client.
+        let time_us =
+            unsafe { (st.midi.jack_frames_to_time)(st.client, first.wrapping_add(ev.time)) };
+        let e = MidiInEvent {
+            time_us,
+            len: ev.size,
+            bytes,
+        };
+        if q.push(e).is_err() {
+            st.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    0
+}
+
+/// A JACK client with one MIDI input port, active from [`MidiInput::start`] until dropped.
+/// Events are queued (wait-free, at most `capacity`; more are counted in
+/// [`MidiInput::dropped`]) for a non-real-time thread to [`MidiInput::pop`].
+pub struct MidiInput {
+    client: Option<Client>,
+    state: NonNull<MidiState>,
+    queue: rtrb::Consumer<MidiInEvent>,
+    port_name: String,
+}
+
+// SAFETY: as for `Client`; the state is shared with JACK's thread only through the queue and
+// an atomic.
+unsafe impl Send for MidiInput {}
+
+impl fmt::Debug for MidiInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MidiInput")
+            .field("port", &self.port_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MidiInput {
+    /// Registers the MIDI input port `port` on `client` and activates it.
+    pub fn start(client: Client, port: &str, capacity: usize) -> Result<MidiInput, JackError> {
+        let midi = midi_api()?;
+        let api = client.api;
+        let raw_client = client.client.as_ptr();
+        let c_port = cstring("port name", port)?;
+        // SAFETY: an open client, valid strings.
+        let raw_port = unsafe {
+            (api.jack_port_register)(
+                raw_client,
+                c_port.as_ptr(),
+                MIDI_TYPE.as_ptr(),
+                PORT_IS_INPUT as c_ulong,
+                0,
+            )
+        };
+        if raw_port.is_null() {
+            return Err(JackError::PortRegister {
+                client: client.name.clone(),
+                port: port.to_string(),
+            });
+        }
+        // SAFETY: a registered port; its name is copied at once.
+        let port_name = unsafe { owned_str((api.jack_port_name)(raw_port)) };
+        let (producer, queue) = rtrb::RingBuffer::new(capacity.max(1));
+        let state = Box::new(MidiState {
+            api,
+            midi,
+            client: raw_client,
+            port: raw_port,
+            queue: UnsafeCell::new(producer),
+            dropped: AtomicU64::new(0),
+        });
+        // SAFETY: `Box::into_raw` is never null.
+        let state = unsafe { NonNull::new_unchecked(Box::into_raw(state)) };
+        let input = MidiInput {
+            client: Some(client),
+            state,
+            queue,
+            port_name,
+        };
+        let name = || {
+            input
+                .client
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default()
+        };
+        // SAFETY: an open, inactive client; the state outlives it (freed in Drop after close).
+        unsafe {
+            if (api.jack_set_process_callback)(
+                raw_client,
+                Some(midi_trampoline),
+                state.as_ptr().cast(),
+            ) != 0
+            {
+                return Err(JackError::Callback {
+                    client: name(),
+                    what: "process",
+                    code: -1,
+                });
+            }
+            let code = (api.jack_activate)(raw_client);
+            if code != 0 {
+                return Err(JackError::Activate {
+                    client: name(),
+                    code,
+                });
+            }
+        }
+        Ok(input)
+    }
+
+    /// The port's full name (`client:port`), to connect a MIDI source to.
+    pub fn port_name(&self) -> &str {
+        &self.port_name
+    }
+
+    /// The client, for its clock ([`Client::time_us`]) and connections.
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+
+    /// The next queued event.
+    pub fn pop(&mut self) -> Option<MidiInEvent> {
+        self.queue.pop().ok()
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        // SAFETY: the state lives until drop.
+        unsafe { self.state.as_ref() }
+            .dropped
+            .load(Ordering::Relaxed)
+    }
+
+    /// Connects the JACK MIDI output port `source` (full name) to this input.
+    pub fn connect_from(&self, source: &str) -> Result<(), JackError> {
+        self.client().connect(source, &self.port_name)
+    }
+}
+
+impl Drop for MidiInput {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            // SAFETY: an active client; closed by `Client::drop` right after.
+            unsafe { (c.api.jack_deactivate)(c.client.as_ptr()) };
+            drop(c);
+        }
+        // SAFETY: the client is closed: no callback can run any more.
+        unsafe { drop(Box::from_raw(self.state.as_ptr())) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
