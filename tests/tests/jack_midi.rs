@@ -5,7 +5,9 @@
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use voicemesh_tests::{Child, Jackd, Netns, onsets, read_wav_mono, try_http_get_json_local, voicemesh_bin};
+use voicemesh_tests::{
+    Child, Jackd, Netns, onsets, read_wav_mono, try_http_get_json_local, voicemesh_bin,
+};
 
 #[test]
 fn jack_midiseq_notes_sound_half_a_second_apart() {
@@ -37,20 +39,25 @@ fn jack_midiseq_notes_sound_half_a_second_apart() {
     }
 
     let mut cmd = ns.command(voicemesh_bin());
-    cmd.args(["coordinator", "--rtpmidi-port", "0", "--jack-midi-connect", "vmseq:out"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .env("JACK_DEFAULT_SERVER", &jack.name);
+    cmd.args([
+        "coordinator",
+        "--rtpmidi-port",
+        "0",
+        "--jack-midi-connect",
+        "vmseq:out",
+    ])
+    .arg("--state-dir")
+    .arg(dir.join("state"))
+    .env("JACK_DEFAULT_SERVER", &jack.name);
     let coordinator = Child::spawn("coordinator", cmd);
     let line = coordinator.expect_line("dashboard: http://", Duration::from_secs(30));
     let port = coordinator.expect_line("jack-midi: ", Duration::from_secs(5));
     assert!(port.contains(":midi_in"), "{port}");
-    let api = line
-        .split("dashboard: ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .replacen("/?token=", "/api/cluster?token=", 1);
+    let api = line.split("dashboard: ").nth(1).unwrap().trim().replacen(
+        "/?token=",
+        "/api/cluster?token=",
+        1,
+    );
 
     let mut cmd = ns.command(voicemesh_bin());
     cmd.args(["node", "--name", "node-a", "--audio"])
@@ -97,7 +104,11 @@ fn jack_midiseq_notes_sound_half_a_second_apart() {
         .filter(|o| o["note"] == 60)
         .map(|o| o["at_ns"].as_u64().unwrap())
         .collect();
-    assert!(starts.len() >= 3, "C4 started {} times: {json}", starts.len());
+    assert!(
+        starts.len() >= 3,
+        "C4 started {} times: {json}",
+        starts.len()
+    );
     // jack_midiseq writes each note-on at frame 0 of its loop: 0.5 s apart on JACK's clock.
     // Mapped through the drain-time clock offset the spacing holds within a millisecond.
     for w in starts.windows(2) {
@@ -108,7 +119,10 @@ fn jack_midiseq_notes_sound_half_a_second_apart() {
         );
     }
     let (samples, sr) = read_wav_mono(dir.join("node-a.wav"));
-    assert!(onsets(&samples, sr, 1e-3, 0.1).len() >= 3, "the notes are audible");
+    assert!(
+        onsets(&samples, sr, 1e-3, 0.1).len() >= 3,
+        "the notes are audible"
+    );
     drop(coordinator);
     drop(seq);
     let _ = std::fs::remove_dir_all(&dir);

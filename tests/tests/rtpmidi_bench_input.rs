@@ -1,16 +1,20 @@
 //! `voicemesh bench input`: the real binary measures RTP-MIDI and OSC input latency inside the
 //! coordinator and ends with the one line scripts read.
 
-use std::process::Command;
-use voicemesh_tests::voicemesh_bin;
+use voicemesh_tests::{Netns, voicemesh_bin};
 
 /// Parses `rtpmidi_p50_us=A rtpmidi_p99_us=B osc_p50_us=C osc_p99_us=D`.
 fn parse(line: &str) -> Option<[u64; 4]> {
     let mut out = [0; 4];
     let mut words = line.split(' ');
-    for (i, key) in ["rtpmidi_p50_us=", "rtpmidi_p99_us=", "osc_p50_us=", "osc_p99_us="]
-        .iter()
-        .enumerate()
+    for (i, key) in [
+        "rtpmidi_p50_us=",
+        "rtpmidi_p99_us=",
+        "osc_p50_us=",
+        "osc_p99_us=",
+    ]
+    .iter()
+    .enumerate()
     {
         let v = words.next()?.strip_prefix(key)?;
         if v.is_empty() || !v.bytes().all(|c| c.is_ascii_digit()) {
@@ -23,7 +27,11 @@ fn parse(line: &str) -> Option<[u64; 4]> {
 
 #[test]
 fn bench_input_ends_with_the_machine_readable_line() {
-    let out = Command::new(voicemesh_bin())
+    // In a namespace of its own: the in-process node and coordinator use mDNS and PTP on
+    // loopback.
+    let ns = Netns::new();
+    let out = ns
+        .command(voicemesh_bin())
         .args(["bench", "input", "--notes", "100"])
         .output()
         .expect("run voicemesh bench input");
@@ -39,9 +47,13 @@ fn bench_input_ends_with_the_machine_readable_line() {
     assert!(rp50 <= rp99 && op50 <= op99, "{last}");
     // Exactly one such line, after a table with both inputs and their sample counts.
     assert_eq!(stdout.matches("rtpmidi_p50_us=").count(), 1, "{stdout}");
-    assert!(stdout.contains("rtp-midi") && stdout.contains("osc"), "{stdout}");
+    assert!(
+        stdout.contains("rtp-midi") && stdout.contains("osc"),
+        "{stdout}"
+    );
     println!("{stdout}");
-    let bad = Command::new(voicemesh_bin())
+    let bad = ns
+        .command(voicemesh_bin())
         .args(["bench", "input", "--notes", "0"])
         .output()
         .expect("run voicemesh bench input");

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use voicemesh_node::NetScope;
 use voicemesh_protocol::ClusterTime;
 
+use crate::allocator::MidiEvent;
 use crate::state::Shared;
 use midi::{ClockFollower, HeldNotes, MidiMessage};
 use session::{CoreConfig, Event, PeerId, PeerSnapshot, Port, SessionCore};
@@ -152,6 +153,8 @@ struct Glue {
     found: BTreeMap<String, SocketAddr>,
     /// Names to invite when found.
     wanted: Vec<String>,
+    /// The MIDI-clock tempo last applied to the cluster timeline.
+    applied_bpm: Option<f64>,
 }
 
 /// The running endpoint, shared with the HTTP API.
@@ -535,12 +538,15 @@ async fn flush(h: &Handle, control: &UdpSocket, data: &UdpSocket, rx_at: Instant
     }
 }
 
-/// Hands MIDI to the allocator at its mapped time; releases what ended sessions held.
+/// Hands MIDI to the allocator at its mapped time; releases what ended sessions held. MIDI
+/// clock sets the cluster tempo (when its estimate moves by 0.5 BPM or more, after a full
+/// quarter note of clocks) and Start/Continue/Stop the transport.
 fn play(h: &Handle, events: Vec<Event>, rx_at: Instant) {
     let now = h.shared.now();
     let mut glue = lock(&h.glue);
     let mut inner = h.shared.lock();
     let mut wake = false;
+    let (mut transport, mut tempo) = (None, None);
     for ev in events {
         match ev {
             Event::Connected { peer } => {
@@ -553,7 +559,7 @@ fn play(h: &Handle, events: Vec<Event>, rx_at: Instant) {
                     let release = held.release_all();
                     glue.released_notes += release
                         .iter()
-                        .filter(|e| matches!(e, crate::allocator::MidiEvent::NoteOff { .. }))
+                        .filter(|e| matches!(e, MidiEvent::NoteOff { .. }))
                         .count() as u64;
                     for e in release {
                         let actions = inner.midi_actions(now, e);
@@ -564,13 +570,26 @@ fn play(h: &Handle, events: Vec<Event>, rx_at: Instant) {
             Event::Midi { peer, at_ns, msg } => match msg {
                 MidiMessage::Channel(e) => {
                     glue.held.entry(peer).or_default().track(&e);
-                    wake |= matches!(e, crate::allocator::MidiEvent::NoteOn { velocity, .. } if velocity > 0);
+                    wake |= matches!(e, MidiEvent::NoteOn { velocity, .. } if velocity > 0);
                     let actions = inner.midi_actions(ClusterTime(at_ns), e);
                     inner.dispatch_midi(actions, Some(rx_at));
                 }
                 MidiMessage::SysEx(_) | MidiMessage::SysExDropped => glue.sysex += 1,
                 other => {
                     glue.clock.handle(at_ns, &other);
+                    match other {
+                        MidiMessage::Start | MidiMessage::Continue => transport = Some(true),
+                        MidiMessage::Stop => transport = Some(false),
+                        MidiMessage::Clock => {
+                            if let Some(b) = glue.clock.bpm().filter(|_| glue.clock.clocks > 24)
+                                && glue.applied_bpm.is_none_or(|a| (a - b).abs() >= 0.5)
+                            {
+                                glue.applied_bpm = Some(b);
+                                tempo = Some(b);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
             },
         }
@@ -579,6 +598,17 @@ fn play(h: &Handle, events: Vec<Event>, rx_at: Instant) {
     drop(glue);
     if wake {
         h.shared.renew_wakeup.notify_one();
+    }
+    if transport.is_some() || tempo.is_some() {
+        let t = crate::tempo::TempoHandle::new(h.shared.clone());
+        if let Some(p) = transport {
+            t.set_playing(p);
+        }
+        if let Some(b) = tempo
+            && let Err(e) = t.set_tempo_bpm((b * 100.0).round() / 100.0)
+        {
+            tracing::debug!("MIDI clock tempo not applied: {e}");
+        }
     }
 }
 
