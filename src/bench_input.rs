@@ -3,8 +3,9 @@
 //!
 //! One process runs a coordinator (HTTP, OSC and RTP-MIDI on free loopback ports, 5 ms
 //! lookahead) and a node (`--audio null`) connected to it by address. A plain-socket RTP-MIDI
-//! initiator built from `rtpmidi::wire` joins the coordinator's session and sends note-on /
-//! note-off pairs; then OSC `/voicemesh/note` datagrams do the same. The figures are the
+//! initiator built from `rtpmidi::wire` joins the coordinator's session; then note-on /
+//! note-off pairs go over RTP-MIDI and OSC (`/voicemesh/note`) interleaved, one datagram every
+//! 500 µs. The figures are the
 //! coordinator's own instrumentation, the one `/api/cluster` serves as
 //! `latency.rtpmidi_to_session_us` and `latency.osc_to_session_us`: the time between the
 //! receiving task's `recv` returning and the session task's `write_all` of the VoiceOn frame.
@@ -98,13 +99,10 @@ async fn measure(c: &RunningCoordinator, notes: u32) -> Result<(LatencySummary, 
         .context("RTP-MIDI is not running")?
         .control_addr();
     let osc = c.osc_addr();
-    tokio::task::spawn_blocking(move || send_rtpmidi(ctrl, notes))
+    tokio::task::spawn_blocking(move || send_both(ctrl, osc, notes))
         .await
-        .context("the RTP-MIDI sender")??;
+        .context("the sender")??;
     let rtp = wait_count(c, notes, |s| s.latency.rtpmidi_to_session_us).await?;
-    tokio::task::spawn_blocking(move || send_osc(osc, notes))
-        .await
-        .context("the OSC sender")??;
     let osc = wait_count(c, notes, |s| s.latency.osc_to_session_us).await?;
     Ok((rtp, osc))
 }
@@ -127,12 +125,15 @@ async fn wait_count(
     }
 }
 
-/// Joins the coordinator's RTP-MIDI session as initiator (IN on both ports) and sends the
-/// note pairs, one command per packet.
-fn send_rtpmidi(ctrl: SocketAddr, notes: u32) -> Result<()> {
+/// Joins the coordinator's RTP-MIDI session as initiator (IN on both ports), then sends the
+/// note pairs over both inputs, interleaved (an RTP-MIDI note-on, an OSC note-on, an RTP-MIDI
+/// note-off, an OSC note-off, …) so both see the same machine conditions. One command per RTP
+/// packet; OSC `/voicemesh/note iii` encoded by hand.
+fn send_both(ctrl: SocketAddr, osc: SocketAddr, notes: u32) -> Result<()> {
     let data_addr = SocketAddr::new(ctrl.ip(), ctrl.port() + 1);
     let c = UdpSocket::bind("127.0.0.1:0")?;
     let d = UdpSocket::bind("127.0.0.1:0")?;
+    let o = UdpSocket::bind("127.0.0.1:0")?;
     for s in [&c, &d] {
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
     }
@@ -156,7 +157,8 @@ fn send_rtpmidi(ctrl: SocketAddr, notes: u32) -> Result<()> {
     let mut seq: u16 = 1;
     let mut pkt = Vec::with_capacity(32);
     for i in 0..notes {
-        let note = 36 + (i % 48) as u8;
+        // Two different notes, so the inputs never release each other's voices.
+        let note = 36 + (i % 24) as u8;
         for vel in [100u8, 0] {
             let ts = (start.elapsed().as_micros() / 100) as u32;
             pkt.clear();
@@ -164,23 +166,12 @@ fn send_rtpmidi(ctrl: SocketAddr, notes: u32) -> Result<()> {
             seq = seq.wrapping_add(1);
             d.send_to(&pkt, data_addr)?;
             std::thread::sleep(GAP);
-        }
-    }
-    Ok(())
-}
-
-/// `/voicemesh/note iii` pairs, encoded by hand.
-fn send_osc(osc: SocketAddr, notes: u32) -> Result<()> {
-    let s = UdpSocket::bind("127.0.0.1:0")?;
-    for i in 0..notes {
-        let note = 36 + (i % 48) as i32;
-        for vel in [100, 0] {
             let mut v = Vec::with_capacity(40);
             v.extend_from_slice(b"/voicemesh/note\0,iii\0\0\0\0");
-            for x in [note, vel, 0] {
+            for x in [i32::from(note) + 24, i32::from(vel), 0] {
                 v.extend_from_slice(&x.to_be_bytes());
             }
-            s.send_to(&v, osc)?;
+            o.send_to(&v, osc)?;
             std::thread::sleep(GAP);
         }
     }

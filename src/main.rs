@@ -3,8 +3,8 @@
 //! This file only parses arguments and wires the crates together; everything that does the
 //! work lives in `voicemesh-coordinator`, `voicemesh-node` and `voicemesh-protocol`.
 
-mod bench_sync;
 mod bench_input;
+mod bench_sync;
 mod demo;
 
 use anyhow::{Context, Result, bail};
@@ -545,24 +545,13 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
         scope,
     );
     cfg.link = !a.no_link;
-    let cfg = CoordinatorConfig {
-        rtpmidi: a.rtpmidi.config(scope)?,
-        jack_midi: (a.rtpmidi.jack_midi || !a.rtpmidi.jack_midi_connect.is_empty()).then(|| {
-            voicemesh_coordinator::jack_midi::JackMidiConfig {
-                connect: a.rtpmidi.jack_midi_connect.clone(),
-                ..Default::default()
-            }
-        }),
-        ..coordinator_config(
-            a.id,
-            state_dir,
-            a.http,
-            a.osc,
-            a.lookahead_ms,
-            a.token,
-            scope,
-        )
-    };
+    cfg.rtpmidi = a.rtpmidi.config(scope)?;
+    cfg.jack_midi = (a.rtpmidi.jack_midi || !a.rtpmidi.jack_midi_connect.is_empty()).then(|| {
+        voicemesh_coordinator::jack_midi::JackMidiConfig {
+            connect: a.rtpmidi.jack_midi_connect.clone(),
+            ..Default::default()
+        }
+    });
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("coordinator running ({})", scope_text(scope));
     println!("dashboard: {}", coordinator.dashboard_url());
