@@ -606,6 +606,15 @@ impl CvEngine {
     /// Applies everything due at cluster time `now`: queued events, lease expiries, glides,
     /// pulses, the periodic refresh, DAC re-init retries; then recomputes every code.
     pub fn handle_timeout(&mut self, now: ClusterTime) {
+        if now < self.now {
+            // Cluster time stepped back (a new coordinator's clock): restart the periodic
+            // work from here instead of waiting for the old deadlines to come round again.
+            self.next_refresh = now;
+            for c in &mut self.channels {
+                c.next_pulse = None;
+                c.pulse_until = c.pulse_until.min(now);
+            }
+        }
         self.now = now;
         while let Some(&(at, _, ev)) = self.pending.first() {
             if at > now {

@@ -365,6 +365,38 @@ fn a_note_re_sent_before_its_time_is_one_note() {
 }
 
 #[test]
+fn a_clock_stepped_back_keeps_refreshing_and_clocking() {
+    let mut e = CvEngine::new(&[V], 1);
+    let mut clk = assign(1, CvFunction::Clock);
+    clk.param = 4;
+    clk.pulse_ms = 5;
+    e.assign(&clk).unwrap();
+    e.set_timeline(voicemesh_protocol::Timeline::from_milli_bpm(
+        120_000,
+        ClusterTime(0),
+    ));
+    while let Some(d) = e.poll_init() {
+        e.init_done(d, true, ClusterTime(0));
+    }
+    let late = ClusterTime(10_000 * MS);
+    e.handle_timeout(late);
+    while let Some(w) = e.poll_write() {
+        e.write_done(w, true, late);
+    }
+    // The cluster clock steps back 5 s: the next refresh and clock pulse are due by their
+    // own period from the new time, not 5 s later.
+    let back = ClusterTime(5_000 * MS + 1);
+    e.handle_timeout(back);
+    assert!(e.poll_write().is_some(), "refresh right away");
+    let next = e.next_deadline();
+    assert!(
+        next.0 - back.0 <= 125 * MS,
+        "next deadline {} ns away",
+        next.0 - back.0
+    );
+}
+
+#[test]
 fn coordinator_silence_drops_every_gate() {
     let mut r = voice_rig();
     let t = T0 + 10 * MS;
