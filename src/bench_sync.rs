@@ -97,14 +97,20 @@ impl SyncReport {
 use voicemesh_node::audio::monotonic_ns as mono_ns;
 
 /// One OSC bundle of `/voicemesh/note` messages `(note, velocity)` on channel 0, so the
-/// coordinator stamps them all with one `at` (also used by the demo).
+/// coordinator stamps them all with one `at`.
 pub(crate) fn note_bundle(notes: impl Iterator<Item = (i32, i32)>) -> Result<Vec<u8>> {
+    note_bundle_on(notes.map(|(n, v)| (n, v, 0)))
+}
+
+/// [`note_bundle`] with each note's MIDI channel: `(note, velocity, channel)` (the demo sends
+/// the chord on channel 0 and its root, for the MCU node, on channel 1).
+pub(crate) fn note_bundle_on(notes: impl Iterator<Item = (i32, i32, i32)>) -> Result<Vec<u8>> {
     use rosc::{OscBundle, OscMessage, OscPacket, OscTime, OscType};
     let content = notes
-        .map(|(n, v)| {
+        .map(|(n, v, ch)| {
             OscPacket::Message(OscMessage {
                 addr: "/voicemesh/note".into(),
-                args: vec![OscType::Int(n), OscType::Int(v), OscType::Int(0)],
+                args: vec![OscType::Int(n), OscType::Int(v), OscType::Int(ch)],
             })
         })
         .collect();

@@ -1,9 +1,11 @@
-//! `voicemesh demo`: a whole cluster on this machine — a coordinator, two nodes — playing a
-//! chord progression that the coordinator spreads across both nodes.
+//! `voicemesh demo`: a whole cluster on this machine — a coordinator, two nodes and a simulated
+//! MCU node — playing a chord progression that the coordinator spreads across both nodes, while
+//! the MCU node plays each chord's root as control voltages (1 V/oct pitch, gate, velocity).
 //!
 //! The phrase travels the real path: it is sent as OSC over UDP to the coordinator, which
-//! allocates voices and sends them over QUIC to the nodes, which play them at the cluster time
-//! stamped on them. By default everything stays on loopback.
+//! allocates voices and sends them over QUIC to the nodes and over the MCU datagram link to the
+//! MCU node, which all play them at the cluster time stamped on them. By default everything
+//! stays on loopback.
 
 use crate::{
     DemoArgs, cancel_on_signals, coordinator_config, node_config, print_node, scope_text,
@@ -14,6 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+use voicemesh_mcu::sim::{SimConfig, SimHandle, start_sim};
 use voicemesh_node::AudioSpec;
 
 /// The phrase: close-voiced seventh chords (each within an octave), as MIDI notes.
@@ -31,6 +34,26 @@ const CHORD_GAP: Duration = Duration::from_millis(250);
 const JACK_LOOKAHEAD_MS: u64 = 30;
 /// The nodes the demo starts.
 const NODES: [&str; 2] = ["node-a", "node-b"];
+/// The simulated MCU node the demo starts.
+const MCU: &str = "mcu-demo";
+/// The MIDI channel the chord roots are played on, routed to the MCU node.
+const CV_CHANNEL: u8 = 1;
+/// The demo's configuration (when the state directory has none): the chords (channel 0) on the
+/// two nodes, the roots (channel 1) on the MCU node's voice 0 — pitch on CV 0, gate on CV 1,
+/// velocity on CV 2.
+const DEMO_CONFIG: &str = r#"{
+  "version": 1,
+  "channels": [
+    {"channel": 0, "nodes": ["node-a", "node-b"]},
+    {"channel": 1, "nodes": ["mcu-demo"]}
+  ],
+  "cv": {
+    "voices": [{"node": "mcu-demo", "voice": 0,
+                "pitch": {"node": "mcu-demo", "channel": 0},
+                "gate": {"node": "mcu-demo", "channel": 1},
+                "velocity": {"node": "mcu-demo", "channel": 2}}]
+  }
+}"#;
 
 pub async fn run(a: DemoArgs) -> Result<()> {
     let scope = a.net.scope()?;
@@ -58,9 +81,15 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     };
 
     println!(
-        "VoiceMesh demo: a coordinator and two nodes on this machine ({}).",
+        "VoiceMesh demo: a coordinator, two nodes and a simulated MCU node on this machine ({}).",
         scope_text(scope)
     );
+    if !voicemesh_coordinator::config::path(&state_dir).exists() {
+        let cfg: voicemesh_coordinator::config::Config =
+            voicemesh_coordinator::config::parse_json(DEMO_CONFIG.as_bytes())
+                .map_err(|e| anyhow::anyhow!("the demo's configuration: {e}"))?;
+        voicemesh_coordinator::config::save(&state_dir, &cfg)?;
+    }
     // A JACK node hears a block one output latency after it renders it (two 256-frame periods
     // are 10.7 ms), so events need more lookahead than the 5 ms default or they arrive late.
     // (`Auto` is left here only when a JACK server answered.)
@@ -94,9 +123,32 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         nodes.push(node);
     }
 
-    let played = play(&coordinator, &shutdown, deadline).await;
+    let sim_cfg = SimConfig {
+        id: MCU.into(),
+        name: MCU.into(),
+        dacs: 1,
+        voices: 1,
+        port: 0,
+        scope,
+        advertise: true,
+    };
+    let mcu = start_sim(sim_cfg, shutdown.clone())
+        .await
+        .context("starting the simulated MCU node")?;
+    println!(
+        "MCU node {MCU}: CV over udp://{} ({}); it plays each chord's root (MIDI channel {}) as \
+         1 V/oct pitch on CV 0, gate on CV 1, velocity on CV 2 (12-bit virtual DAC, 0–5 V)",
+        mcu.local_addr,
+        scope_text(scope),
+        CV_CHANNEL + 1
+    );
+
+    let played = play(&coordinator, &mcu, &shutdown, deadline).await;
     shutdown.cancel();
     let mut first_err = played.err();
+    if let Err(e) = mcu.join().await {
+        first_err.get_or_insert(e.into());
+    }
     for node in nodes {
         if let Err(e) = node.wait().await {
             first_err.get_or_insert(e.into());
@@ -118,13 +170,18 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     }
 }
 
-/// Waits for both nodes, then plays the phrase until the deadline or shutdown.
+/// Waits for both nodes and the MCU node, then plays the phrase until the deadline or shutdown.
 async fn play(
     coordinator: &voicemesh_coordinator::RunningCoordinator,
+    mcu: &SimHandle,
     shutdown: &CancellationToken,
     deadline: Option<Instant>,
 ) -> Result<()> {
-    println!("waiting for {} nodes to join over mDNS…", NODES.len());
+    let members = NODES.len() + 1;
+    println!(
+        "waiting for {} nodes and the MCU node to join over mDNS…",
+        NODES.len()
+    );
     let joined = Instant::now();
     loop {
         let online = coordinator
@@ -133,7 +190,7 @@ async fn play(
             .iter()
             .filter(|n| n.online)
             .count();
-        if online >= NODES.len() {
+        if online >= members {
             println!(
                 "{online} nodes online after {} ms",
                 joined.elapsed().as_millis()
@@ -141,10 +198,7 @@ async fn play(
             break;
         }
         if joined.elapsed() > Duration::from_secs(15) {
-            bail!(
-                "only {online} of {} nodes joined within 15 s (is mDNS blocked?)",
-                NODES.len()
-            );
+            bail!("only {online} of {members} nodes joined within 15 s (is mDNS blocked?)");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -169,13 +223,19 @@ async fn play(
                     break 'outer;
                 }
             }
+            let root = chord[0] - 12;
             println!("chord {}", chord.map(note_name).join(" "));
-            send_chord(&sock, target, &chord, 100).await?;
+            send_chord(&sock, target, &chord, root, 100).await?;
             tokio::select! {
-                _ = shutdown.cancelled() => { send_chord(&sock, target, &chord, 0).await?; break 'outer; }
-                _ = tokio::time::sleep(CHORD_ON) => {}
+                _ = shutdown.cancelled() => { send_chord(&sock, target, &chord, root, 0).await?; break 'outer; }
+                _ = tokio::time::sleep(CV_LOOK) => {}
             }
-            send_chord(&sock, target, &chord, 0).await?;
+            print_cv(mcu, root);
+            tokio::select! {
+                _ = shutdown.cancelled() => { send_chord(&sock, target, &chord, root, 0).await?; break 'outer; }
+                _ = tokio::time::sleep(CHORD_ON - CV_LOOK) => {}
+            }
+            send_chord(&sock, target, &chord, root, 0).await?;
             tokio::select! {
                 _ = shutdown.cancelled() => break 'outer,
                 _ = tokio::time::sleep(CHORD_GAP) => {}
@@ -195,14 +255,38 @@ async fn play(
     Ok(())
 }
 
-/// Sends all notes of a chord in one OSC bundle, so the coordinator stamps them together.
+/// When the MCU node's DAC codes are shown after a chord starts.
+const CV_LOOK: Duration = Duration::from_millis(100);
+
+/// One line: the root the MCU node plays and the codes its virtual DAC holds.
+fn print_cv(mcu: &SimHandle, root: u8) {
+    let codes = mcu.snapshot().codes;
+    let code = |ch: usize| codes.get(ch).copied().unwrap_or(0);
+    let volts = f64::from(voicemesh_protocol::cv::pitch_microvolts(root, 36, 0, 200)) / 1e6;
+    println!(
+        "  CV {MCU}: root {} = {volts:.3} V → pitch DAC code {}, gate code {}, velocity code {}",
+        note_name(root),
+        code(0),
+        code(1),
+        code(2)
+    );
+}
+
+/// Sends all notes of a chord (MIDI channel 0) and its root (channel 1, for the MCU node) in
+/// one OSC bundle, so the coordinator stamps them together.
 async fn send_chord(
     sock: &UdpSocket,
     target: std::net::SocketAddr,
     chord: &[u8],
+    root: u8,
     velocity: i32,
 ) -> Result<()> {
-    let bytes = crate::bench_sync::note_bundle(chord.iter().map(|&n| (n.into(), velocity)))?;
+    let notes = chord.iter().map(|&n| (n.into(), velocity, 0));
+    let bytes = crate::bench_sync::note_bundle_on(notes.chain([(
+        root.into(),
+        velocity,
+        CV_CHANNEL.into(),
+    )]))?;
     sock.send_to(&bytes, target)
         .await
         .with_context(|| format!("sending OSC to {target}"))?;

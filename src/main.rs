@@ -6,6 +6,7 @@
 mod bench_input;
 mod bench_sync;
 mod demo;
+mod mcu_sim;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -47,6 +48,40 @@ enum Command {
     /// Measure this machine: how many synth voices one core renders in real time.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a simulated MCU node: the Teensy CV firmware's core on this machine, with virtual
+    /// 12-bit 0–5 V DACs, advertised over mDNS as `role=mcu` so a coordinator finds it.
+    McuSim(McuSimArgs),
+}
+
+#[derive(Debug, Args)]
+struct McuSimArgs {
+    /// Name of this MCU node; also its id unless --id is given.
+    #[arg(long, value_name = "NAME", default_value = "mcu-sim")]
+    name: String,
+    /// Stable id of this MCU node, unique in the cluster (default: the name).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// CV channels: 8, 16, 24 or 32 (one virtual 8-channel DAC per 8 channels).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    channels: u16,
+    /// Voice slots the coordinator may give this node (1–16).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    voices: u16,
+    /// UDP port of the session (0 = any free port; it is advertised over mDNS).
+    #[arg(long, value_name = "PORT", default_value_t = discovery::DEFAULT_MCU_PORT)]
+    port: u16,
+    /// Print every DAC code change: `mcu-sim NAME: dac ch C code N at_ns T seen_unix_ns U`, with
+    /// T the cluster time the node wrote it at (`-` when it could not report it) and U when the
+    /// change was seen (realtime clock, within 5 ms).
+    #[arg(long)]
+    print_codes: bool,
+    /// Use the real network (mDNS and the session on a LAN interface) instead of loopback only.
+    #[arg(long)]
+    lan: bool,
+    /// With --lan: the IPv4 address of the interface to use (default: the first interface that
+    /// is up, multicast-capable and not loopback).
+    #[arg(long, value_name = "ADDR", requires = "lan")]
+    interface: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,15 +179,20 @@ struct NetArgs {
     ptp_domain: u8,
 }
 
+/// Loopback, or the LAN interface `interface` (default: the first usable one) with `--lan`.
+fn scope_of(lan: bool, interface: Option<Ipv4Addr>) -> Result<NetScope> {
+    if !lan {
+        return Ok(NetScope::Loopback);
+    }
+    match interface {
+        Some(a) => Ok(NetScope::Lan(a)),
+        None => NetScope::first_lan().context("--lan"),
+    }
+}
+
 impl NetArgs {
     fn scope(&self) -> Result<NetScope> {
-        if !self.lan {
-            return Ok(NetScope::Loopback);
-        }
-        match self.interface {
-            Some(a) => Ok(NetScope::Lan(a)),
-            None => NetScope::first_lan().context("--lan"),
-        }
+        scope_of(self.lan, self.interface)
     }
 
     fn ptp(&self, scope: NetScope) -> PtpConfig {
@@ -352,6 +392,7 @@ fn main() -> std::process::ExitCode {
             Command::Coordinator(a) => run_coordinator(a).await,
             Command::Node(a) => run_node(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::McuSim(a) => mcu_sim::run(a).await,
             Command::Bench(BenchCommand::Engine(a)) => {
                 tokio::task::spawn_blocking(move || bench_engine(a))
                     .await

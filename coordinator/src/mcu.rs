@@ -594,8 +594,8 @@ const ASSIGN_EVERY: u32 = 10;
 
 /// The MCU's full CV state, to (re-)send: its assignments (when the configuration changed,
 /// and every [`ASSIGN_EVERY`] refreshes), the last value of every controller its outputs
-/// follow, and a `VoiceOn` of every voice it holds (the MCU takes an equal `VoiceOn` as a
-/// refresh, not a retrigger), with the lease a renewal would give now.
+/// follow, and a `VoiceOn` of every voice it holds that has started (the MCU takes an equal
+/// `VoiceOn` as a refresh, not a retrigger), with the lease a renewal would give now.
 fn full_state(g: &Inner, now: ClusterTime, r: &mut Registered, lease_ns: u64) -> Vec<Message> {
     let mut out = Vec::new();
     let gen_ = g.cv.generation();
@@ -612,7 +612,10 @@ fn full_state(g: &Inner, now: ClusterTime, r: &mut Registered, lease_ns: u64) ->
     }
     out.extend(g.cv.refresh_controls(now, &r.id));
     let lease_until = now.add_nanos(g.alloc.config().lookahead_ns.saturating_add(lease_ns) as i64);
-    out.extend(g.alloc.held_voices().filter(|h| h.node == r.id).map(|h| {
+    // A voice whose start is still ahead has its VoiceOn in flight; re-sending it now (with
+    // another lease) would queue a second start on the MCU.
+    let started = |h: &crate::allocator::HeldVoice<'_>| h.node == r.id && h.started <= now;
+    out.extend(g.alloc.held_voices().filter(started).map(|h| {
         Message::VoiceOn(VoiceOn {
             voice: h.voice,
             note: h.note,

@@ -835,6 +835,61 @@ pub fn try_http_get_json_local(url: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON ({e}): {body}"))
 }
 
+/// TAI − UTC: the grandmaster's cluster time is realtime + 37 s.
+pub const TAI_OFFSET_NS: u64 = 37_000_000_000;
+
+/// Now in cluster time, as every `voicemesh` process on this machine has it (they all read
+/// `CLOCK_REALTIME`; the grandmaster adds the TAI offset).
+pub fn cluster_now_ns() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    d.as_nanos() as u64 + TAI_OFFSET_NS
+}
+
+/// Starts `voicemesh coordinator --state-dir STATE EXTRA…` in `ns`, waits for its dashboard
+/// line and returns it with its `/api/cluster` URL (token included).
+pub fn coordinator(ns: &Netns, state: &Path, extra: &[&str]) -> (Child, String) {
+    let mut cmd = ns.command(voicemesh_bin());
+    cmd.args(["coordinator", "--state-dir"])
+        .arg(state)
+        .args(extra);
+    let c = Child::spawn("coordinator", cmd);
+    let line = c.expect_line("dashboard: http://", Duration::from_secs(30));
+    let dashboard = line.split("dashboard: ").nth(1).unwrap().trim().to_string();
+    let api = dashboard.replacen("/?token=", "/api/cluster?token=", 1);
+    (c, api)
+}
+
+/// Polls `api` from inside `ns` every 5 ms until `done` accepts the answer; returns it and
+/// when it was seen.
+///
+/// # Panics
+/// After `timeout`, with `what` and the last answer.
+pub fn wait_api(
+    ns: &Netns,
+    api: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool + Send,
+) -> (serde_json::Value, Instant) {
+    let out = ns.in_ns(move || {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Ok(v) = try_http_get_json_local(api) {
+                if done(&v) {
+                    return Ok((v, Instant::now()));
+                }
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(last)
+    });
+    out.unwrap_or_else(|last| panic!("/api/cluster never showed {what}; last: {last:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
-//! `voicemesh demo` end to end, as a user runs it: one process, a coordinator and two nodes,
-//! the phrase sent as OSC, voices over QUIC, clocks by PTP, audio to WAV files.
+//! `voicemesh demo` end to end, as a user runs it: one process, a coordinator, two nodes and a
+//! simulated MCU node, the phrase sent as OSC, voices over QUIC, clocks by PTP, audio to WAV
+//! files, the chord roots as control voltages on the MCU node's virtual DAC.
 //!
 //! The namespace also holds a stand-in LAN interface that carries the default route, and the
 //! usual multicast route to `lo` is removed: a socket that did not pin its traffic to
@@ -101,14 +102,13 @@ fn demo_plays_the_phrase_across_both_nodes_in_time_and_stays_on_loopback() {
                 let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
                 let online: BTreeSet<String> = nodes
                     .iter()
-                    .filter(|n| n["online"] == true)
+                    .filter(|n| n["online"] == true && n["role"] == "node")
                     .map(|n| n["id"].as_str().unwrap_or("").to_string())
                     .collect();
                 best = best.max(online.len());
                 if online.len() == 2 {
                     assert_eq!(online, NODES.iter().map(|s| s.to_string()).collect());
-                    for n in &nodes {
-                        assert_eq!(n["role"], "node");
+                    for n in nodes.iter().filter(|n| n["role"] == "node") {
                         assert_eq!(n["voices"], 8);
                         assert!(n["clock_offset_ns"].is_i64(), "{n}");
                     }
@@ -136,6 +136,14 @@ fn demo_plays_the_phrase_across_both_nodes_in_time_and_stays_on_loopback() {
     );
     let out = demo.output();
     assert!(out.contains("demo finished"), "{out}");
+    // The simulated MCU node played the first chord's root (C3, 1 V above the base note C2) on
+    // its virtual 12-bit 0–5 V DAC: pitch 1 V, gate 5 V, velocity 100/127 of 5 V.
+    assert!(
+        out.contains(
+            "CV mcu-demo: root C3 = 1.000 V → pitch DAC code 819, gate code 4095, velocity code 3225"
+        ),
+        "{out}"
+    );
 
     let tx_after = ns.tx_packets("vmlan0");
 

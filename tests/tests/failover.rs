@@ -11,7 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use voicemesh_tests::{
-    Child, Netns, VethLink, python, read_wav_mono, try_http_get_json_local, voicemesh_bin,
+    Child, Netns, VethLink, cluster_now_ns, coordinator, python, read_wav_mono, voicemesh_bin,
+    wait_api,
 };
 
 /// Default voice lease of the coordinator.
@@ -20,28 +21,6 @@ const LEASE_NS: u64 = 1_000_000_000;
 const SILENT_WITHIN_NS: u64 = 1_250_000_000;
 /// Below this a sample counts as silence (the release fades to digital zero).
 const SILENCE: f32 = 1e-4;
-/// TAI − UTC: the grandmaster's cluster time is realtime + 37 s.
-const TAI_OFFSET_NS: u64 = 37_000_000_000;
-
-/// Now in cluster time, as every process on this machine has it.
-fn cluster_now_ns() -> u64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970");
-    d.as_nanos() as u64 + TAI_OFFSET_NS
-}
-
-fn coordinator(ns: &Netns, state: &Path, extra: &[&str]) -> (Child, String) {
-    let mut cmd = ns.command(voicemesh_bin());
-    cmd.args(["coordinator", "--state-dir"])
-        .arg(state)
-        .args(extra);
-    let c = Child::spawn("coordinator", cmd);
-    let line = c.expect_line("dashboard: http://", Duration::from_secs(30));
-    let dashboard = line.split("dashboard: ").nth(1).unwrap().trim().to_string();
-    let api = dashboard.replacen("/?token=", "/api/cluster?token=", 1);
-    (c, api)
-}
 
 fn node(ns: &Netns, id: &str, dir: &Path, extra: &[&str]) -> Child {
     let mut cmd = ns.command(voicemesh_bin());
@@ -51,32 +30,6 @@ fn node(ns: &Netns, id: &str, dir: &Path, extra: &[&str]) -> Child {
     let child = Child::spawn(id, cmd);
     child.expect_line("control session on quic://", Duration::from_secs(30));
     child
-}
-
-/// Polls `api` from inside `ns` every 5 ms until `done` accepts the answer; returns it and
-/// when it was seen.
-fn wait_api(
-    ns: &Netns,
-    api: &str,
-    timeout: Duration,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool + Send,
-) -> (serde_json::Value, Instant) {
-    let out = ns.in_ns(move || {
-        let start = Instant::now();
-        let mut last = None;
-        while start.elapsed() < timeout {
-            if let Ok(v) = try_http_get_json_local(api) {
-                if done(&v) {
-                    return Ok((v, Instant::now()));
-                }
-                last = Some(v);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Err(last)
-    });
-    out.unwrap_or_else(|last| panic!("/api/cluster never showed {what}; last: {last:?}"))
 }
 
 fn node_entry<'a>(v: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
