@@ -13,7 +13,7 @@
 //! The model is over `CLOCK_MONOTONIC` on purpose, not over cluster time: the sound card does
 //! not care what PTP does. The cluster time of a frame is the composition
 //! `cluster(frame) = ClusterClock(realtime(mono(frame)))` ([`AudioClock::block_time`]), so a
-//! step or a rate change of the [`ClusterClock`](super::ClusterClock) moves where *future*
+//! step or a rate change of the [`ClusterClock`] moves where *future*
 //! events land at once and exactly, and never disturbs the loop. A voice that is already
 //! sounding is rendered frame after frame whatever the time map says, so no clock change can
 //! put a jump into it (tested in `tests::cluster_step_leaves_a_sounding_voice_untouched`).

@@ -1,6 +1,6 @@
 //! PTP glue (statime): the grandmaster on the coordinator, a slave on every node.
 //!
-//! statime is sans-IO: a [`PtpInstance`] with one port takes packets, transmit stamps and timer
+//! statime is sans-IO: a [`PtpInstance`](statime::PtpInstance) with one port takes packets, transmit stamps and timer
 //! expiries through `handle_*` calls and answers with actions (send this, reset that timer).
 //! [`port::PtpCore`] wraps the port with its timers, the BMCA schedule (every
 //! `bmca_interval`: `start_bmca` → `instance.bmca` → `end_bmca`), lock and holdover tracking,
