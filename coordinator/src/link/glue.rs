@@ -112,8 +112,10 @@ struct Rx {
 struct Gateway {
     id: GatewayId,
     addr: Ipv4Addr,
-    discovery: Arc<UdpSocket>,
-    measurement: Arc<UdpSocket>,
+    /// Send ends (duplicated descriptors of the discovery and measurement sockets): a plain
+    /// non-blocking `send_to` on UDP does not wait for tokio to have seen the socket writable.
+    discovery: std::net::UdpSocket,
+    measurement: std::net::UdpSocket,
     stop: CancellationToken,
 }
 
@@ -148,26 +150,30 @@ impl Gateway {
             true,
         )?;
         mcast.join_multicast_v4(&MULTICAST_GROUP, &addr)?;
-        let discovery = tokio_socket(udp(SocketAddrV4::new(addr, 0), addr, false)?)?;
-        let measurement_sock = tokio_socket(udp(SocketAddrV4::new(addr, 0), addr, false)?)?;
-        let mep = match measurement_sock.local_addr()? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => return Err(std::io::Error::other("IPv6 measurement socket")),
+        let discovery = udp(SocketAddrV4::new(addr, 0), addr, false)?;
+        let measurement = udp(SocketAddrV4::new(addr, 0), addr, false)?;
+        let (discovery_tx, measurement_tx) = (discovery.try_clone()?, measurement.try_clone()?);
+        let mep = match measurement.local_addr()?.as_socket() {
+            Some(SocketAddr::V4(a)) => a,
+            _ => return Err(std::io::Error::other("no IPv4 measurement address")),
         };
         let stop = parent.child_token();
-        for (sock, measurement) in [
-            (tokio_socket(mcast)?, false),
-            (discovery.clone(), false),
-            (measurement_sock.clone(), true),
-        ] {
-            tracker.spawn(read_loop(sock, id, measurement, tx.clone(), stop.clone()));
+        for (sock, is_measurement) in [(mcast, false), (discovery, false), (measurement, true)] {
+            let sock = tokio_socket(sock)?;
+            tracker.spawn(read_loop(
+                sock,
+                id,
+                is_measurement,
+                tx.clone(),
+                stop.clone(),
+            ));
         }
         Ok((
             Gateway {
                 id,
                 addr,
-                discovery,
-                measurement: measurement_sock,
+                discovery: discovery_tx.into(),
+                measurement: measurement_tx.into(),
                 stop,
             },
             mep,
@@ -274,6 +280,7 @@ async fn run_enabled(
     let mut remap = tokio::time::interval(REMAP);
     let mut published: Option<Published> = None;
     let mut edits = tempo.app_edits();
+    let mut last_stats = (peer.stats(), peer.session_id(), peer.peer_count());
     tracing::info!(node = ?peer.node_id(), "Ableton Link enabled");
     loop {
         let wait = peer
@@ -287,7 +294,7 @@ async fn run_enabled(
                 let want = wanted_addrs(scope);
                 let now = host_now_us();
                 for g in gateways.iter().filter(|g| !want.contains(&g.addr)) {
-                    let _ = g.discovery.try_send_to(
+                    let _ = g.discovery.send_to(
                         &peer.byebye(),
                         SocketAddr::from((MULTICAST_GROUP, DISCOVERY_PORT)),
                     );
@@ -341,6 +348,11 @@ async fn run_enabled(
         }
         flush(&mut peer, &gateways);
         publish(tempo, &peer, &map, &mut published);
+        let now_stats = (peer.stats(), peer.session_id(), peer.peer_count());
+        if now_stats != last_stats {
+            tracing::debug!(stats = ?now_stats.0, session = ?now_stats.1, peers = now_stats.2, "Link state");
+            last_stats = now_stats;
+        }
     }
     peer.shutdown();
     flush(&mut peer, &gateways);
@@ -367,7 +379,7 @@ fn flush(peer: &mut LinkPeer, gateways: &[Gateway]) {
             SocketKind::Discovery => &g.discovery,
             SocketKind::Measurement => &g.measurement,
         };
-        if let Err(e) = sock.try_send_to(&t.payload, SocketAddr::V4(t.dst)) {
+        if let Err(e) = sock.send_to(&t.payload, SocketAddr::V4(t.dst)) {
             tracing::debug!(dst = %t.dst, "Link send failed: {e}");
         }
     }

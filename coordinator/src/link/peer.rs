@@ -78,6 +78,8 @@ pub struct LinkStats {
     pub resets: u64,
     /// Times this peer switched into another session.
     pub joins: u64,
+    /// `ghost_other − ghost_ours` (µs) found by the last measurement of another session.
+    pub last_session_diff_us: i64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -650,6 +652,7 @@ impl LinkPeer {
                     return;
                 }
                 let diff = intercept.saturating_sub(self.intercept);
+                self.stats.last_session_diff_us = diff;
                 let switch = diff > TIE_WINDOW_US
                     || (diff.unsigned_abs() < TIE_WINDOW_US as u64 && m.session < self.session);
                 let best_timeline = self
