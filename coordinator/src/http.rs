@@ -233,6 +233,12 @@ async fn metrics(State(app): State<App>) -> Response {
         "counter",
         &[(String::new(), s.voices.decode_errors)],
     );
+    metric(
+        "voicemesh_mcu_datagrams_dropped_total",
+        "Datagrams from MCU nodes dropped, by node and reason.",
+        "counter",
+        &crate::mcu::dropped_metric(&s.nodes),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -551,6 +551,38 @@ pub struct McuSnapshot {
     pub datagrams: DatagramCounters,
 }
 
+impl DatagramCounters {
+    /// The dropped counters by reason, as `/metrics` labels them.
+    pub fn dropped_by_reason(&self) -> [(&'static str, u64); 5] {
+        [
+            ("malformed", self.malformed),
+            ("version", self.version),
+            ("duplicate", self.duplicates),
+            ("replay", self.replays),
+            ("unexpected", self.unexpected),
+        ]
+    }
+}
+
+/// `voicemesh_mcu_datagrams_dropped_total` lines (labels, value) for `/metrics`: one per MCU
+/// node and reason.
+pub(crate) fn dropped_metric(nodes: &[crate::NodeSnapshot]) -> Vec<(String, u64)> {
+    // Prometheus label values escape backslash, double quote and newline.
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    nodes
+        .iter()
+        .filter_map(|n| n.cv.as_ref().map(|cv| (esc(&n.id), cv.datagrams)))
+        .flat_map(|(id, d)| {
+            d.dropped_by_reason()
+                .map(|(r, v)| (format!("{{node=\"{id}\",reason=\"{r}\"}}"), v))
+        })
+        .collect()
+}
+
 impl McuView {
     pub(crate) fn snapshot(&self) -> McuSnapshot {
         let mut s = McuSnapshot {

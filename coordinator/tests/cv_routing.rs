@@ -36,6 +36,17 @@ async fn put(addr: SocketAddr, path: &str, token: &str, body: &str) -> u16 {
     out[9..12].parse().unwrap()
 }
 
+async fn get(addr: SocketAddr, path: &str, token: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 fn osc(addr: &str, args: Vec<OscType>) -> Vec<u8> {
     rosc::encoder::encode(&OscPacket::Message(OscMessage {
         addr: addr.into(),
@@ -303,6 +314,20 @@ async fn mcu_joins_gets_assignments_events_controls_and_refreshes() {
         }
         assert!(Instant::now() < deadline, "{d:?}");
         let _ = timeout(Duration::from_millis(20), m.next()).await;
+    }
+
+    // The same counters in /metrics.
+    let metrics = get(coord.http_addr(), "/metrics", coord.token()).await;
+    for (reason, n) in [
+        ("malformed", 1),
+        ("duplicate", 1),
+        ("replay", 1),
+        ("version", 0),
+    ] {
+        let line = format!(
+            "voicemesh_mcu_datagrams_dropped_total{{node=\"mcu-1\",reason=\"{reason}\"}} {n}\n"
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
     }
 
     // Note off: the VoiceOff.
