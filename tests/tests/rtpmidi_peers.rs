@@ -15,9 +15,7 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use voicemesh_tests::{
-    Child, Netns, onsets, python, read_wav_mono, try_http_get_json_local, voicemesh_bin,
-};
+use voicemesh_tests::{Child, Netns, onsets, python, read_wav_mono, voicemesh_bin};
 
 fn peers_dir() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers");
@@ -40,7 +38,8 @@ fn node_peer(ns: &Netns, args: &[&str]) -> Child {
 struct Cluster {
     ns: Netns,
     dir: PathBuf,
-    coordinator: Child,
+    /// Kept for its lifetime: dropping it kills the coordinator.
+    _coordinator: Child,
     api: String,
     node: Child,
 }
@@ -49,16 +48,8 @@ fn start(tag: &str, extra: &[&str]) -> Cluster {
     let ns = Netns::new();
     let dir = std::env::temp_dir().join(format!("vm-rtp-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cmd = ns.command(voicemesh_bin());
-    cmd.args(["coordinator", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(["--rtpmidi-port", "5004"])
-        .args(extra);
-    let coordinator = Child::spawn("coordinator", cmd);
-    let line = coordinator.expect_line("dashboard: http://", Duration::from_secs(30));
+    let (coordinator, api) = voicemesh_tests::coordinator(&ns, &dir.join("state"), extra);
     coordinator.expect_line("rtpmidi: udp://127.0.0.1:5004", Duration::from_secs(5));
-    let dashboard = line.split("dashboard: ").nth(1).unwrap().trim().to_string();
-    let api = dashboard.replacen("/?token=", "/api/cluster?token=", 1);
     let mut cmd = ns.command(voicemesh_bin());
     cmd.args(["node", "--name", "node-a", "--audio"])
         .arg(format!("wav:{}", dir.display()));
@@ -67,7 +58,7 @@ fn start(tag: &str, extra: &[&str]) -> Cluster {
     let c = Cluster {
         ns,
         dir,
-        coordinator,
+        _coordinator: coordinator,
         api,
         node,
     };
@@ -81,28 +72,7 @@ impl Cluster {
         timeout: Duration,
         done: impl Fn(&serde_json::Value) -> bool + Send,
     ) -> serde_json::Value {
-        let api = self.api.clone();
-        self.ns
-            .in_ns(move || {
-                let start = Instant::now();
-                let mut last = None;
-                while start.elapsed() < timeout {
-                    if let Ok(v) = try_http_get_json_local(&api) {
-                        if done(&v) {
-                            return Ok(v);
-                        }
-                        last = Some(v);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(last)
-            })
-            .unwrap_or_else(|last| {
-                panic!(
-                    "/api/cluster never matched; last: {last:?}\n{}",
-                    self.coordinator.output()
-                )
-            })
+        voicemesh_tests::wait_api(&self.ns, &self.api, timeout, "the RTP-MIDI state", done).0
     }
 
     fn post(&self, path: &str, body: &str) -> serde_json::Value {
@@ -251,6 +221,45 @@ fn coordinator_invites_node_rtpmidi_and_clock_sync_completes_on_both_sides() {
     let r = c.post("/api/rtpmidi/send", r#"{"midi": [144, 62, 99]}"#);
     assert_eq!(r["sessions"], 1, "{r}");
     peer.expect_line("midi 903e63", Duration::from_secs(5));
+}
+
+/// Invitation by mDNS name: python zeroconf announces node-rtpmidi's listener as the
+/// `_apple-midi._udp` session "Studio Mac" (node's own mDNS needs native add-ons we do not
+/// install); the coordinator, told to invite "Studio Mac", finds it and connects.
+#[test]
+fn coordinator_invites_a_session_found_by_its_mdns_name() {
+    let c = start("mdns", &["--rtpmidi-invite", "Studio Mac"]);
+    let peer = node_peer(&c.ns, &["listener", "5404"]);
+    let script = r#"
+import socket, time
+from zeroconf import Zeroconf, ServiceInfo
+zc = Zeroconf(interfaces=["127.0.0.1"])
+info = ServiceInfo("_apple-midi._udp.local.", "Studio Mac._apple-midi._udp.local.",
+                   addresses=[socket.inet_aton("127.0.0.1")], port=5404, server="studio.local.")
+zc.register_service(info)
+print("registered", flush=True)
+time.sleep(60)
+"#;
+    let mut cmd = c.ns.command(python());
+    cmd.args(["-c", script]);
+    let zc = Child::spawn("zeroconf", cmd);
+    zc.expect_line("registered", Duration::from_secs(20));
+    peer.expect_line("connected", Duration::from_secs(15));
+    let v = c.wait_api(Duration::from_secs(10), |v| {
+        session(v, "initiator").is_some_and(|s| s["stats"]["syncs"].as_u64() >= Some(1))
+    });
+    assert_eq!(v["rtpmidi"]["invite_names"][0], "Studio Mac", "{v}");
+    let found = v["rtpmidi"]["discovered"].as_array().unwrap();
+    assert!(
+        found
+            .iter()
+            .any(|d| d["name"] == "Studio Mac" && d["address"] == "127.0.0.1:5404"),
+        "{v}"
+    );
+    assert_eq!(
+        session(&v, "initiator").unwrap()["control"],
+        "127.0.0.1:5404"
+    );
 }
 
 #[test]
