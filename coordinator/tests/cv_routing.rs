@@ -2,7 +2,8 @@
 //! datagrams) joins an in-process coordinator, the CV configuration is set through the HTTP API,
 //! and the MCU gets its assignments, the allocator's voice events, `Control`s for the
 //! controllers its outputs follow, heartbeats, `TimeSync` answers and a refresh of its full
-//! state every 100 ms; its `CvReport` shows in `/api/cluster`. Malformed, duplicated and
+//! state every 100 ms (new assignments with the first refresh after a configuration change,
+//! not only with the once-a-second re-send); its `CvReport` shows in `/api/cluster`. Malformed, duplicated and
 //! replayed datagrams are dropped and counted without ending the session.
 
 use std::net::SocketAddr;
@@ -329,6 +330,29 @@ async fn mcu_joins_gets_assignments_events_controls_and_refreshes() {
         );
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
+
+    // A new configuration reaches the MCU with the next refresh (100 ms), not the
+    // once-a-second re-send of the assignments: the gate becomes a trigger.
+    let changed = CV.replace(
+        r#""gate": {"node": "mcu-1", "channel": 1}}"#,
+        r#""gate": {"node": "mcu-1", "channel": 1}, "gate_mode": {"mode": "trigger", "ms": 10}}"#,
+    );
+    assert_ne!(changed, CV);
+    let put_at = Instant::now();
+    assert_eq!(
+        put(coord.http_addr(), "/api/config/cv", coord.token(), &changed).await,
+        200
+    );
+    let a = loop {
+        match m.next().await {
+            Message::CvAssign(a) if a.channel == 1 && a.function == CvFunction::Trigger => break a,
+            _ => assert!(
+                put_at.elapsed() < Duration::from_millis(300),
+                "no new assignment"
+            ),
+        }
+    };
+    assert_eq!(a.pulse_ms, 10);
 
     // Note off: the VoiceOff.
     sock.send_to(
