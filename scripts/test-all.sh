@@ -32,7 +32,6 @@ apt_packages=(
     gcc libc6-dev libasound2 jackd2 iproute2
     python3 python3-venv linuxptp liblo-tools systemd ca-certificates
     qemu-system-arm binutils-arm-none-eabi
-    nodejs npm
 )
 
 started=$(date +%s)
@@ -161,6 +160,11 @@ install_python_venv() {
 # the committed lock file. Its optional mDNS add-ons are native builds the tests do not use.
 install_node_peers() {
     local dir=$repo/tests/peers stamp=$repo/tests/peers/node_modules/.lock.sha256 want
+    # Debian's nodejs and npm, unless a node with npm is there already (NodeSource's nodejs
+    # bundles npm and conflicts with Debian's npm package).
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        apt_install nodejs npm
+    fi
     want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
     if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
         echo "node test peers: up to date ($dir/node_modules)"
