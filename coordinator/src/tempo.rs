@@ -56,6 +56,8 @@ pub struct LinkStatus {
     pub enabled: bool,
     /// Other Link peers in our session (unique node ids).
     pub peers: u32,
+    /// Interface addresses Link runs on (one gateway each).
+    pub gateways: u32,
 }
 
 /// The tempo and transport as served by `/api/cluster` (`tempo` section) and `/api/tempo`.

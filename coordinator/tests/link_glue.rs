@@ -98,3 +98,65 @@ async fn body() {
     a.wait().await.unwrap();
     b.wait().await.unwrap();
 }
+
+/// Runs `ip args…` in the calling thread's namespace; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip runs")
+        .success()
+}
+
+/// Adds an interface `name` with `cidr`, up: a dummy where the kernel has the driver, else one
+/// end of a veth pair (whose other end, without an address, is up too).
+fn add_iface(name: &str, cidr: &str) {
+    if !ip(&["link", "add", name, "type", "dummy"]) {
+        let peer = format!("{name}p");
+        assert!(ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", &peer
+        ]));
+        assert!(ip(&["link", "set", &peer, "up"]));
+    }
+    assert!(ip(&["addr", "add", cidr, "dev", name]));
+    assert!(ip(&["link", "set", name, "up"]));
+}
+
+/// In LAN scope Link runs on every running interface address, loopback included, and the
+/// 5 s rescan opens and closes gateways as interfaces come and go.
+#[test]
+fn link_gateways_follow_interfaces() {
+    in_private_netns(|| {
+        add_iface("vml0", "10.91.0.1/24");
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let dir = TempDir::new("vm-link-scan");
+                let stop = CancellationToken::new();
+                let mut cfg = CoordinatorConfig::new(dir.0.clone());
+                cfg.http = "127.0.0.1:0".parse().unwrap();
+                cfg.osc = "127.0.0.1:0".parse().unwrap();
+                cfg.scope = voicemesh_node::NetScope::Lan("10.91.0.1".parse().unwrap());
+                cfg.link = true;
+                let c = start(cfg, Arc::new(ClusterClock::new()), stop.clone())
+                    .await
+                    .expect("coordinator starts");
+                let gw = || c.tempo().snapshot().link.gateways;
+                until("lo + vml0", Duration::from_secs(2), || gw() == 2).await;
+                add_iface("vml1", "10.92.0.1/24");
+                let d = until("vml1 gets a gateway", Duration::from_secs(6), || gw() == 3).await;
+                println!("new interface picked up after {d:?}");
+                assert!(ip(&["link", "del", "vml1"]));
+                let d = until("vml1's gateway closed", Duration::from_secs(6), || {
+                    gw() == 2
+                })
+                .await;
+                println!("vanished interface dropped after {d:?}");
+                stop.cancel();
+                c.wait().await.unwrap();
+            });
+    });
+}

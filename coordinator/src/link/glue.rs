@@ -257,6 +257,7 @@ struct Published {
     timeline: Timeline,
     start_stop: StartStop,
     peers: u32,
+    gateways: u32,
 }
 
 async fn run_enabled(
@@ -347,7 +348,8 @@ async fn run_enabled(
             peer.handle_timeout(host_now_us());
         }
         flush(&mut peer, &gateways);
-        publish(tempo, &peer, &map, &mut published);
+        let n_gateways = u32::try_from(gateways.len()).unwrap_or(u32::MAX);
+        publish(tempo, &peer, &map, n_gateways, &mut published);
         let now_stats = (peer.stats(), peer.session_id(), peer.peer_count());
         if now_stats != last_stats {
             tracing::debug!(stats = ?now_stats.0, session = ?now_stats.1, peers = now_stats.2, "Link state");
@@ -386,13 +388,20 @@ fn flush(peer: &mut LinkPeer, gateways: &[Gateway]) {
 }
 
 /// Carries the Link session to the cluster timeline when it changed (or drifted on remap).
-fn publish(tempo: &TempoHandle, peer: &LinkPeer, map: &HostMap, published: &mut Option<Published>) {
+fn publish(
+    tempo: &TempoHandle,
+    peer: &LinkPeer,
+    map: &HostMap,
+    gateways: u32,
+    published: &mut Option<Published>,
+) {
     let tl = cluster_timeline(peer, map);
     let st = peer.start_stop();
     let peers = u32::try_from(peer.peer_count()).unwrap_or(u32::MAX);
     let same = published.as_ref().is_some_and(|p| {
         p.start_stop == st
             && p.peers == peers
+            && p.gateways == gateways
             && p.timeline.ns_per_beat == tl.ns_per_beat
             && p.timeline.beat0_micro == tl.beat0_micro
             && (i128::from(p.timeline.t0.as_nanos()) - i128::from(tl.t0.as_nanos())).abs()
@@ -406,11 +415,13 @@ fn publish(tempo: &TempoHandle, peer: &LinkPeer, map: &HostMap, published: &mut 
     tempo.set_link_status(LinkStatus {
         enabled: true,
         peers,
+        gateways,
     });
     *published = Some(Published {
         timeline: tl,
         start_stop: st,
         peers,
+        gateways,
     });
 }
 
