@@ -528,6 +528,20 @@ fn drive(
                     measured.len()
                 );
             }
+            // Late events (arrived after their block was rendered) explain outliers.
+            if let Ok(v) = api.get("cluster") {
+                let late: Vec<String> = v["nodes"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|n| {
+                                format!("{}={}", n["id"].as_str().unwrap_or("?"), n["late_events"])
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!("late events per node (whole run): {}", late.join(" "));
+            }
             let mut spreads: Vec<u64> = measured
                 .iter()
                 .filter(|c| c.nodes == NODES)
@@ -561,43 +575,103 @@ fn converged(all: &[Chord]) -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 // ptp4l floor
 
-/// Starts a free-running `ptp4l -S` pair on members `gm` and `slave` (domain 99, so it never
-/// meets the cluster's PTP). The slave's output carries the offsets.
-fn start_ptp4l(lan: &Lan, dir: &Path, gm: usize, slave: usize) -> Result<(Proc, Proc)> {
-    which("ptp4l")?;
-    let common = "[global]\nfree_running 1\ndomainNumber 99\nlogSyncInterval -3\n\
-                  logMinDelayReqInterval -3\ntx_timestamp_timeout 100\n";
-    let gm_cfg = dir.join("gm.cfg");
-    let slave_cfg = dir.join("slave.cfg");
-    std::fs::write(&gm_cfg, format!("{common}priority1 1\n"))?;
-    std::fs::write(&slave_cfg, format!("{common}slaveOnly 1\n"))?;
-    let run = |i: usize, cfg: &Path, name: &str| -> Result<Proc> {
-        let mut c = lan.command(i, "ptp4l");
-        c.args(["-S", "-m", "-q", "-f"])
-            .arg(cfg)
-            .args(["-i", &Lan::iface(i)]);
-        Proc::spawn(name, c)
-    };
-    Ok((
-        run(gm, &gm_cfg, "ptp4l master")?,
-        run(slave, &slave_cfg, "ptp4l slave")?,
-    ))
+/// A free-running `ptp4l -S` pair on two members of the LAN, and a thread sampling the
+/// slave's `offsetFromMaster` through `pmc` (ptp4l prints no offsets while free-running).
+struct Ptp4lFloor {
+    _gm: Proc,
+    _slave: Proc,
+    samples: Arc<Mutex<Vec<(u64, f64)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The rms of the `master offset` values ptp4l printed from `from_line` on, ns.
-fn ptp4l_rms(lines: &[String], from_line: usize) -> Option<f64> {
-    let offsets: Vec<f64> = lines
-        .iter()
-        .skip(from_line)
-        .filter_map(|l| {
-            let rest = l.split("master offset").nth(1)?;
-            rest.split_whitespace().next()?.parse::<f64>().ok()
+/// How often the floor's offset is sampled.
+const PMC_EVERY: Duration = Duration::from_millis(125);
+
+impl Ptp4lFloor {
+    /// Starts the pair on members `gm` and `slave` (domain 99, so it never meets the
+    /// cluster's PTP, which is on its own ports anyway; `free_running 1` on both: the system
+    /// clock is shared by every namespace and nobody may steer it).
+    fn start(lan: &Lan, dir: &Path, gm: usize, slave: usize) -> Result<Ptp4lFloor> {
+        which("ptp4l")?;
+        let pmc = which("pmc")?;
+        let common = "[global]\nfree_running 1\ndomainNumber 99\nlogSyncInterval -3\n\
+                      logMinDelayReqInterval -3\nlogAnnounceInterval -2\n\
+                      announceReceiptTimeout 3\ntx_timestamp_timeout 100\n";
+        let uds = |name: &str| dir.join(format!("{name}.sock"));
+        let run = |i: usize, name: &str, extra: &str| -> Result<Proc> {
+            let cfg = dir.join(format!("{name}.cfg"));
+            std::fs::write(
+                &cfg,
+                format!("{common}{extra}uds_address {}\n", uds(name).display()),
+            )?;
+            let mut c = lan.command(i, "ptp4l");
+            c.args(["-S", "-m", "-q", "-f"])
+                .arg(&cfg)
+                .args(["-i", &Lan::iface(i)]);
+            Proc::spawn(&format!("ptp4l {name}"), c)
+        };
+        let gm = run(gm, "gm", "priority1 1\n")?;
+        let slave = run(slave, "slave", "slaveOnly 1\n")?;
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (server, client) = (uds("slave"), uds("pmc"));
+        {
+            let (samples, stop) = (samples.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let out = Command::new(&pmc)
+                        .args(["-u", "-b", "0", "-d", "99", "-s"])
+                        .arg(&server)
+                        .arg("-i")
+                        .arg(&client)
+                        .arg("GET CURRENT_DATA_SET")
+                        .output();
+                    let t = mono_ns();
+                    if let Some(off) = out
+                        .ok()
+                        .and_then(|o| parse_offset_from_master(&String::from_utf8_lossy(&o.stdout)))
+                    {
+                        samples
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((t, off));
+                    }
+                    std::thread::sleep(PMC_EVERY);
+                }
+            });
+        }
+        Ok(Ptp4lFloor {
+            _gm: gm,
+            _slave: slave,
+            samples,
+            stop,
         })
-        .collect();
-    if offsets.is_empty() {
-        return None;
     }
-    Some((offsets.iter().map(|x| x * x).sum::<f64>() / offsets.len() as f64).sqrt())
+
+    /// The rms of the offsets sampled since `from` (mono ns), ns, and how many.
+    fn rms_since(&self, from: u64) -> Option<(f64, usize)> {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let v: Vec<f64> = s.iter().filter(|(t, _)| *t >= from).map(|x| x.1).collect();
+        rms(&v).map(|r| (r, v.len()))
+    }
+}
+
+impl Drop for Ptp4lFloor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `offsetFromMaster` from pmc's answer to `GET CURRENT_DATA_SET`, ns.
+fn parse_offset_from_master(text: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("offsetFromMaster"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Root mean square (None for no values).
+fn rms(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt())
 }
 
 fn which(program: &str) -> Result<PathBuf> {
@@ -698,7 +772,7 @@ pub fn run(b: &SyncBench) -> Result<SyncReport> {
         let mut coord = Proc::spawn("coordinator", cmd)?;
         let (http, token, osc) = parse_coordinator(&mut coord)?;
         let (gm, slave) = (NODES + 1, NODES + 2);
-        let (_ptp_m, ptp_s) = start_ptp4l(&lan, &dir, gm, slave)?;
+        let floor = Ptp4lFloor::start(&lan, &dir, gm, slave)?;
         let nodes_started = mono_ns();
         let mut nodes = Vec::new();
         for k in 0..NODES {
@@ -713,21 +787,20 @@ pub fn run(b: &SyncBench) -> Result<SyncReport> {
             n.wait_line("control session on quic://", Duration::from_secs(30))?;
         }
         let b2 = b.clone();
-        let ptp_lines = ptp_s.lines.clone();
-        let result = lan.in_ns(0, move || -> Result<(u64, Vec<u64>, usize)> {
+        let result = lan.in_ns(0, move || -> Result<(u64, Vec<u64>, u64)> {
             let api = Api {
                 http,
                 token,
                 osc,
                 socket: UdpSocket::bind("127.0.0.1:0")?,
             };
-            let mut ptp_from = 0;
+            let mut measure_from = 0;
             let (conv, spreads) = drive(&api, &b2, nodes_started, &mut || {
-                ptp_from = ptp_lines.lock().map_or(0, |l| l.len());
+                measure_from = mono_ns();
             })?;
-            Ok((conv, spreads, ptp_from))
+            Ok((conv, spreads, measure_from))
         })?;
-        let (conv, spreads, ptp_from) = result.map_err(|e| {
+        let (conv, spreads, measure_from) = result.map_err(|e| {
             anyhow::anyhow!(
                 "{e:#}\ncoordinator:\n{}\nnodes:\n{}",
                 coord.lines().join("\n"),
@@ -740,15 +813,14 @@ pub fn run(b: &SyncBench) -> Result<SyncReport> {
         })?;
         // The floor: the slave's offsets while the chords were measured (by then it has run
         // as long as the convergence took).
-        let rms = ptp4l_rms(&ptp_s.lines(), ptp_from);
-        if rms.is_none() {
-            let lines = ptp_s.lines();
-            println!(
-                "ptp4l printed no offsets while the chords played; its last lines:\n{}",
-                lines[lines.len().saturating_sub(10)..].join("\n")
-            );
+        let rms = floor.rms_since(measure_from);
+        match rms {
+            Some((_, n)) => println!("ptp4l floor: {n} offsetFromMaster samples (pmc)"),
+            None => {
+                println!("ptp4l floor: pmc returned no offsetFromMaster while the chords played")
+            }
         }
-        Ok(report(spreads, conv, nodes_started, rms))
+        Ok(report(spreads, conv, nodes_started, rms.map(|r| r.0)))
     } else {
         println!("network: loopback (not root: no namespaces, no ptp4l floor)");
         let domain = (100 + std::process::id() % 100).to_string();
@@ -874,19 +946,20 @@ mod tests {
     }
 
     #[test]
-    fn ptp4l_offsets_are_parsed() {
-        let lines: Vec<String> = [
-            "ptp4l[10.1]: port 1: UNCALIBRATED to SLAVE",
-            "ptp4l[11.0]: master offset        300 s2 freq      +0 path delay     20000",
-            "ptp4l[11.1]: master offset       -400 s2 freq      +0 path delay     20000",
-        ]
-        .map(String::from)
-        .to_vec();
+    fn pmc_offsets_are_parsed() {
+        let answer = "sending: GET CURRENT_DATA_SET\n\t52a08a.fffe.d5f7e9-1 seq 0 RESPONSE \
+                      MANAGEMENT CURRENT_DATA_SET\n\t\tstepsRemoved     1\n\t\t\
+                      offsetFromMaster -1569.0\n\t\tmeanPathDelay    2721.0\n";
+        assert_eq!(parse_offset_from_master(answer), Some(-1569.0));
         assert_eq!(
-            ptp4l_rms(&lines, 0),
+            parse_offset_from_master("sending: GET CURRENT_DATA_SET\n"),
+            None
+        );
+        assert_eq!(
+            rms(&[300.0, -400.0]),
             Some(((90_000.0f64 + 160_000.0) / 2.0).sqrt())
         );
-        assert_eq!(ptp4l_rms(&lines, 3), None);
+        assert_eq!(rms(&[]), None);
     }
 
     #[test]
