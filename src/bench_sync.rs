@@ -822,7 +822,7 @@ pub fn run(b: &SyncBench) -> Result<SyncReport> {
         }
         Ok(report(spreads, conv, nodes_started, rms.map(|r| r.0)))
     } else {
-        println!("network: loopback (not root: no namespaces, no ptp4l floor)");
+        println!("network: loopback (no namespaces, no ptp4l floor)");
         let domain = (100 + std::process::id() % 100).to_string();
         let ports = 20_000 + (std::process::id() % 10_000) * 2;
         let (ev, general) = (ports.to_string(), (ports + 1).to_string());
