@@ -12,6 +12,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use voicemesh_protocol::datagram::{
+    DatagramHeader, MAX_DATAGRAM_LEN, decode_datagram, encode_datagram,
+};
+use voicemesh_protocol::{ClusterTime, Heartbeat, Message, Role};
 use voicemesh_tests::{Child, Netns, python};
 
 /// The namespace's side of the TAP link and the firmware's static address.
@@ -90,7 +94,7 @@ impl Board {
 }
 
 #[test]
-fn firmware_boots_and_answers_mdns_and_udp() {
+fn firmware_boots_advertises_over_mdns_and_answers_a_coordinator() {
     let board = Board::boot("qemu-fw-1");
     assert!(
         board
@@ -137,16 +141,38 @@ print("resolved", info.parsed_addresses()[0], info.port, sorted(props.items()))
     );
     eprintln!("mDNS resolved in {:?}", t0.elapsed());
 
-    // UDP from Linux reaches the firmware and comes back (the stub service echoes).
-    let reply = board.ns.in_ns(|| {
+    // The session speaks the MCU wire protocol: a coordinator's first heartbeat is answered
+    // with the node's Hello (role mcu, its id, voices and CV channels).
+    let hello = board.ns.in_ns(|| {
         let s = UdpSocket::bind((HOST_ADDR, 0)).expect("bind");
-        s.set_read_timeout(Some(Duration::from_secs(2)))
+        s.set_read_timeout(Some(Duration::from_secs(3)))
             .expect("timeout");
-        s.send_to(b"ping 1", (FW_ADDR, FW_PORT)).expect("send");
-        let mut buf = [0u8; 64];
-        let (n, from) = s.recv_from(&mut buf).expect("no reply from the firmware");
-        assert_eq!(from.to_string(), format!("{FW_ADDR}:{FW_PORT}"));
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let mut buf = [0u8; MAX_DATAGRAM_LEN];
+        let heartbeat = Message::Heartbeat(Heartbeat {
+            seq: 0,
+            now: ClusterTime(1_000_000_000),
+        });
+        let n = encode_datagram(
+            DatagramHeader {
+                session: 0x5eed_0001,
+                seq: 1,
+            },
+            &heartbeat,
+            &mut buf,
+        )
+        .expect("encode");
+        s.send_to(&buf[..n], (FW_ADDR, FW_PORT)).expect("send");
+        loop {
+            let (n, from) = s.recv_from(&mut buf).expect("no answer from the firmware");
+            assert_eq!(from.to_string(), format!("{FW_ADDR}:{FW_PORT}"));
+            let (_, frame) =
+                decode_datagram(&buf[..n]).expect("a datagram the protocol crate decodes");
+            if let Message::Hello(h) = frame.message {
+                return h;
+            }
+        }
     });
-    assert_eq!(reply, "qemu-fw-1 ping 1");
+    assert_eq!(hello.role, Role::Mcu);
+    assert_eq!(hello.id.as_str(), "qemu-fw-1");
+    assert_eq!((hello.voices, hello.cv), (2, 8));
 }

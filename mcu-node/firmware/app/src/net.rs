@@ -5,6 +5,9 @@ use embassy_net::{Runner, Stack, StackResources};
 use embassy_time::{Duration, Instant, Timer};
 use static_cell::StaticCell;
 
+use voicemesh_mcu::McuConfig;
+
+use crate::session::{self, DacBank};
 use crate::{NodeConfig, info, mdns};
 
 /// A seed for the stack and mDNS from the MAC address and the time since boot (which varies
@@ -45,17 +48,19 @@ async fn mdns_task(
     }
 }
 
-/// Waits for an address, starts the mDNS responder and runs the node's UDP service.
-pub async fn run(
+/// Waits for an address, starts the mDNS responder and runs the node's session on `bank`.
+pub async fn run<B: DacBank>(
     spawner: Spawner,
     stack: Stack<'static>,
     config: &'static NodeConfig,
     advert: mdns::Advert,
     seed: u64,
+    mcu: McuConfig,
+    bank: &mut B,
 ) -> ! {
     stack.wait_config_up().await;
     let addr = stack.config_v4().map(|c| c.address);
     info!("fw: network up: id={} addr={:?}", config.id, addr);
     spawner.spawn(mdns_task(stack, config, advert, seed).expect("mdns task"));
-    crate::echo::run(stack, config).await
+    session::run(stack, config, mcu, bank).await
 }

@@ -10,11 +10,14 @@
 mod lan9118;
 mod semihosting;
 mod systick;
+mod vdac;
 
 use embassy_executor::Spawner;
 use embassy_net::Runner;
 use static_cell::StaticCell;
+use voicemesh_fw_app::rng::XorShift;
 use voicemesh_fw_app::{NodeConfig, info, mdns, net};
+use voicemesh_mcu::{DacSpec, McuConfig};
 
 use crate::lan9118::Lan9118;
 
@@ -78,7 +81,19 @@ async fn boot(spawner: Spawner) -> ! {
         voices: VOICES,
         proto: voicemesh_mcu::PROTOCOL_VERSION,
     };
-    net::run(spawner, stack, config, advert, seed).await
+    let mut dacs = heapless::Vec::new();
+    let _ = dacs.push(DacSpec::VIRTUAL_5V);
+    // A new session id every boot: the seed mixes in the host's clock (semihosting).
+    let session_id = (XorShift::new(seed ^ semihosting::host_time()).next() >> 32) as u32;
+    let mcu = McuConfig {
+        id: config.id.clone(),
+        name: config.id.clone(),
+        voices: u16::from(VOICES),
+        dacs,
+        session_id,
+    };
+    let mut bank = vdac::VirtualBank::<1>::new();
+    net::run(spawner, stack, config, advert, seed, mcu, &mut bank).await
 }
 
 #[panic_handler]

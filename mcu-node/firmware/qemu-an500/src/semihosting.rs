@@ -40,6 +40,13 @@ pub fn cmdline(buf: &mut [u8]) -> Option<&str> {
     core::str::from_utf8(&buf[..len]).ok()
 }
 
+/// The host's clock in seconds since 1970 (semihosting `SYS_TIME`); 0 when unavailable.
+pub fn host_time() -> u64 {
+    // SAFETY: SYS_TIME takes no argument block.
+    let t = unsafe { cortex_m_semihosting::syscall1(cortex_m_semihosting::nr::TIME, 0) };
+    t as u64
+}
+
 /// Ends the emulation with `code` (0 success).
 pub fn exit(code: u32) -> ! {
     if code == 0 {
