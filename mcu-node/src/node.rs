@@ -244,17 +244,18 @@ impl McuNode {
                 false
             }
             Message::Welcome(w) => {
-                if self.state == State::Joining || self.state == State::Joined {
-                    if self.state == State::Joining {
-                        self.stats.joins += 1;
-                    }
-                    self.state = State::Joined;
-                    self.heartbeat_ms = w.heartbeat_ms.max(10);
-                    self.engine.set_timeline(w.timeline);
-                    self.next_heartbeat = now;
-                } else {
-                    self.stats.unexpected += 1;
+                // Accepted in any state: a Welcome under a new session id while we were
+                // joined is the coordinator re-admitting us (it answers a duplicate Hello —
+                // a probe that crossed our first Welcome — with a new session and a Welcome
+                // at once); refusing it until our next Hello would make it re-admit us again,
+                // forever.
+                if self.state != State::Joined {
+                    self.stats.joins += 1;
                 }
+                self.state = State::Joined;
+                self.heartbeat_ms = w.heartbeat_ms.max(10);
+                self.engine.set_timeline(w.timeline);
+                self.next_heartbeat = now;
                 false
             }
             Message::TimeSync(ts) => {

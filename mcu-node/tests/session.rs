@@ -186,6 +186,29 @@ fn a_restarted_coordinator_is_joined_again() {
 }
 
 #[test]
+fn a_welcome_under_a_new_session_joins_at_once() {
+    // A duplicate Hello (a probe crossed the first Welcome) makes the coordinator open a new
+    // session and send its Welcome straight away: the node joins it, sends no new Hello, and
+    // the coordinator sees no restart (otherwise both ends re-join each other forever).
+    let mut r = Rig::joined(&[DacSpec::VIRTUAL_5V], 1);
+    r.session = 79;
+    r.seq = 0;
+    r.sent.clear();
+    r.send(welcome());
+    assert!(r.node.joined());
+    assert_eq!(r.node.stats().joins, 2);
+    r.send(Message::Heartbeat(Heartbeat {
+        seq: 1,
+        now: ClusterTime(T0 + r.now.0),
+    }));
+    assert!(
+        !r.sent.iter().any(|m| matches!(m, Message::Hello(_))),
+        "{:?}",
+        r.sent
+    );
+}
+
+#[test]
 fn an_event_for_an_unknown_channel_or_voice_is_refused_not_fatal() {
     let mut r = Rig::joined(&[DacSpec::VIRTUAL_5V], 1);
     r.send(Message::CvAssign(assign(40, CvFunction::Gate)));
