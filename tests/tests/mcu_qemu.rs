@@ -16,7 +16,7 @@ use voicemesh_protocol::datagram::{
     DatagramHeader, MAX_DATAGRAM_LEN, decode_datagram, encode_datagram,
 };
 use voicemesh_protocol::{ClusterTime, Heartbeat, Message, Role};
-use voicemesh_tests::{Child, Netns, python};
+use voicemesh_tests::{Child, Netns, http_get_json_local, python, voicemesh_bin};
 
 /// The namespace's side of the TAP link and the firmware's static address.
 const HOST_ADDR: &str = "10.77.0.1";
@@ -90,6 +90,14 @@ impl Board {
         let qemu = Child::spawn("qemu", cmd);
         qemu.expect_line("fw: ready on udp port", Duration::from_secs(20));
         Board { ns, qemu }
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- firmware (semihosting) output:\n{}", self.qemu.output());
+        }
     }
 }
 
@@ -175,4 +183,235 @@ print("resolved", info.parsed_addresses()[0], info.port, sorted(props.items()))
     assert_eq!(hello.role, Role::Mcu);
     assert_eq!(hello.id.as_str(), "qemu-fw-1");
     assert_eq!((hello.voices, hello.cv), (2, 8));
+}
+
+const TOKEN: &str = "qemu-test-token-0";
+const LOOKAHEAD_MS: u64 = 200;
+/// How far from its cluster time a DAC write may land: the firmware's timer tick (1 ms), its
+/// clock servo's error over a TAP link whose far end is an emulated CPU (QEMU's vCPU thread
+/// shares 2 cores with everything else CI runs), and the OSC bracket.
+const TIME_TOLERANCE_NS: u64 = 10_000_000;
+/// The coordinator's default voice lease.
+const LEASE: Duration = Duration::from_secs(1);
+
+/// `PUT path` with `body` to the coordinator's API inside the namespace; the status code.
+fn put(path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect("127.0.0.1:7400").expect("connect to the API");
+    let req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out[9..12]
+        .parse()
+        .unwrap_or_else(|_| panic!("bad HTTP answer: {out}"))
+}
+
+fn cluster() -> serde_json::Value {
+    http_get_json_local(&format!("http://127.0.0.1:7400/api/cluster?token={TOKEN}"))
+}
+
+/// The node `id` in `/api/cluster`, if listed.
+fn node(c: &serde_json::Value, id: &str) -> Option<serde_json::Value> {
+    c["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"] == id)
+        .cloned()
+}
+
+/// Polls `/api/cluster` until `pred` holds for the node, or panics after `timeout`.
+fn wait_node(
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = cluster();
+        if let Some(n) = node(&c, id).filter(|n| pred(n)) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}; /api/cluster: {c:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn codes(n: &serde_json::Value) -> Vec<u64> {
+    n["cv"]["dac_codes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// The whole issue scenario: a real coordinator discovers the firmware over mDNS, the MCU
+/// joins and gets its CV assignments; an OSC note produces the expected DAC codes at the
+/// expected cluster time (as the firmware reports them); killing the coordinator drops the
+/// gate within the lease.
+#[test]
+fn a_coordinator_plays_the_firmware_and_its_death_drops_the_gate() {
+    let board = Board::boot("qemu-fw-2");
+    let dir = voicemesh_tests::TempDir::new("mcu-qemu");
+    let mut cmd = board.ns.command(voicemesh_bin());
+    cmd.args([
+        "coordinator",
+        "--lan",
+        "--interface",
+        HOST_ADDR,
+        "--token",
+        TOKEN,
+    ])
+    .args(["--http", "127.0.0.1:7400", "--osc", "127.0.0.1:9000"])
+    .args(["--lookahead-ms", &LOOKAHEAD_MS.to_string(), "--state-dir"])
+    .arg(dir.0.join("state"));
+    let mut coordinator = Child::spawn("coordinator", cmd);
+    coordinator.expect_line("dashboard: http://", Duration::from_secs(30));
+
+    let fw = "qemu-fw-2";
+    let played = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        board.ns.in_ns(|| {
+        // Voice slot 0: pitch on channel 0 (calibrated: 0 V → 0, 5 V → 4000), gate on 1.
+        let cv = format!(
+            r#"{{"voices": [{{"node": "{fw}", "voice": 0,
+                 "pitch": {{"node": "{fw}", "channel": 0}},
+                 "gate": {{"node": "{fw}", "channel": 1}}}}],
+               "calibration": [{{"output": {{"node": "{fw}", "channel": 0}},
+                 "points": [{{"volts": 0.0, "code": 0}}, {{"volts": 5.0, "code": 4000}}]}}]}}"#
+        );
+        assert_eq!(put("/api/config/cv", &cv), 200);
+
+        // Discovered over mDNS (the firmware's responder), joined over the MCU link, reporting.
+        let t0 = Instant::now();
+        let n = wait_node(
+            fw,
+            Duration::from_secs(15),
+            "the firmware online as an MCU node, its clock locked",
+            |n| n["online"] == true && n["role"] == "mcu" && n["cv"]["reported_at_ns"].is_u64(),
+        );
+        eprintln!("joined in {:?}: {n:#}", t0.elapsed());
+        assert_eq!(n["cv"]["channels"], 8);
+        assert_eq!(n["address"], format!("{FW_ADDR}:{FW_PORT}"));
+        assert_eq!(codes(&n)[..2], [0, 0], "nothing sounds before the note");
+        // The MCU's clock servo converges on TimeSync round trips after the join: wait for
+        // ten consecutive reports with a phase error under 1 ms (the first seconds after a
+        // join step the clock; a note played then lands tens of ms late).
+        let t0 = Instant::now();
+        let (mut good, mut last_report) = (0, None);
+        while good < 10 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the MCU's clock did not settle: {:#}",
+                node(&cluster(), fw).unwrap_or_default()
+            );
+            let n = node(&cluster(), fw).expect("listed");
+            let report = n["cv"]["reported_at_ns"].as_u64();
+            if report != last_report {
+                last_report = report;
+                let offset = n["cv"]["clock_offset_ns"].as_i64().unwrap_or(i64::MAX);
+                good = if offset.abs() < 1_000_000 { good + 1 } else { 0 };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("MCU clock settled {:?} after the join", t0.elapsed());
+
+        // A note through OSC: C4 = 2 octaves above the base note C2 → 2 V → code 1600 with the
+        // calibration; the gate goes to 5 V = full scale (4095) of the virtual 0–5 V DAC.
+        // The coordinator stamps it `now + lookahead`: bracket `now` by reading its clock
+        // right before and after sending.
+        let osc = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let note = osc_note(60, 100);
+        let before = cluster()["coordinator"]["cluster_time_ns"]
+            .as_u64()
+            .expect("cluster time");
+        osc.send_to(&note, "127.0.0.1:9000").expect("send OSC");
+        let after = cluster()["coordinator"]["cluster_time_ns"]
+            .as_u64()
+            .expect("cluster time");
+        let n = wait_node(
+            fw,
+            Duration::from_secs(3),
+            "the note's codes reported",
+            |n| codes(n).get(..2) == Some(&[1600, 4095][..]),
+        );
+        let changed: Vec<u64> = n["cv"]["changed_at_ns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let lookahead = LOOKAHEAD_MS * 1_000_000;
+        let (due_lo, due_hi) = (before + lookahead, after + lookahead);
+        for (ch, at) in changed[..2].iter().enumerate() {
+            let err_ms = if *at < due_lo {
+                -((due_lo - at) as f64)
+            } else {
+                at.saturating_sub(due_hi) as f64
+            } / 1e6;
+            eprintln!(
+                "channel {ch}: written {err_ms:+.3} ms from the note's due window (servo offset {} ns, locked {})",
+                n["cv"]["clock_offset_ns"], n["cv"]["clock_locked"]
+            );
+            assert!(
+                *at + TIME_TOLERANCE_NS >= due_lo && *at <= due_hi + TIME_TOLERANCE_NS,
+                "channel {ch} written at {at}, due within [{due_lo}, {due_hi}] ± {TIME_TOLERANCE_NS} ns: {n:#}"
+            );
+        }
+        assert!(
+            changed[0] <= changed[1],
+            "pitch is written before the gate: {changed:?}"
+        );
+
+        // Held: lease renewals keep the gate up well past one lease.
+        std::thread::sleep(LEASE + LEASE / 2);
+        let n = cluster();
+        let n = node(&n, fw).expect("listed");
+        assert_eq!(
+            codes(&n)[..2],
+            [1600, 4095],
+            "the held note's gate stays up: {n:#}"
+        );
+    })
+    }));
+    if let Err(p) = played {
+        eprintln!("--- coordinator output:\n{}", coordinator.output());
+        std::panic::resume_unwind(p);
+    }
+
+    // The coordinator dies without a word: no renewal reaches the MCU, the lease runs out and
+    // the firmware drops the gate (its log shows the virtual DAC's channel 1 going to 0).
+    let killed = Instant::now();
+    coordinator.kill();
+    let line = board
+        .qemu
+        .expect_line("dac: d=0 ch=1 code=0 ", LEASE + Duration::from_secs(2));
+    let dropped_after = killed.elapsed();
+    eprintln!("gate dropped {dropped_after:?} after the kill: {line}");
+    assert!(
+        // The lease runs from the last renewal, before the kill; the slack covers the MCU's
+        // clock error, its 1 ms tick and the log's way out of QEMU.
+        dropped_after <= LEASE + Duration::from_millis(100),
+        "the gate dropped {dropped_after:?} after the coordinator died; the lease is {LEASE:?}"
+    );
+}
+
+/// `/voicemesh/note ii NOTE VELOCITY` as an OSC datagram (written out by hand: 4-byte padded
+/// address and type tags, big-endian int32 arguments).
+fn osc_note(note: i32, velocity: i32) -> Vec<u8> {
+    fn padded(s: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(s.as_bytes());
+        out.extend(std::iter::repeat_n(0, 4 - s.len() % 4));
+    }
+    let mut out = Vec::new();
+    padded("/voicemesh/note", &mut out);
+    padded(",ii", &mut out);
+    out.extend_from_slice(&note.to_be_bytes());
+    out.extend_from_slice(&velocity.to_be_bytes());
+    out
 }

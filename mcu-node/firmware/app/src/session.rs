@@ -15,6 +15,11 @@ use voicemesh_protocol::datagram::MAX_DATAGRAM_LEN;
 
 use crate::{NodeConfig, info};
 
+/// Datagrams the session socket holds before the loop reads them.
+const RX_SLOTS: usize = 48;
+/// Bytes the session socket holds (the coordinator's datagrams are mostly under 200 bytes).
+const RX_BYTES: usize = 16 * 1024;
+
 /// The board's DACs, addressed as the core numbers them (`McuConfig::dacs` order).
 #[allow(async_fn_in_trait, reason = "static dispatch on one executor")]
 pub trait DacBank {
@@ -37,9 +42,12 @@ pub async fn run<B: DacBank>(
     mcu: McuConfig,
     bank: &mut B,
 ) -> ! {
-    let mut rx_meta = [PacketMetadata::EMPTY; 8];
+    // The coordinator sends its full state in bursts (a CvAssign per channel, every voice,
+    // every controller): room for RX_SLOTS datagrams, or the tail of a burst is dropped and
+    // only the next refresh (100 ms later) brings it.
+    let mut rx_meta = [PacketMetadata::EMPTY; RX_SLOTS];
     let mut tx_meta = [PacketMetadata::EMPTY; 8];
-    let mut rx_buf = [0u8; 4 * MAX_DATAGRAM_LEN];
+    let mut rx_buf = [0u8; RX_BYTES];
     let mut tx_buf = [0u8; 4 * MAX_DATAGRAM_LEN];
     let mut socket = UdpSocket::new(stack, &mut rx_meta, &mut rx_buf, &mut tx_meta, &mut tx_buf);
     if let Err(e) = socket.bind(config.port) {

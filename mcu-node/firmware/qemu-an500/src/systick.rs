@@ -1,37 +1,55 @@
-//! embassy-time driver on the Cortex-M SysTick: a 1 kHz interrupt counts milliseconds, and the
-//! current count-down value gives the microseconds in between (embassy's tick is 1 µs).
+//! embassy-time driver: time from the MPS2's CMSDK APB timer 0 (a 32-bit down-counter at the
+//! 25 MHz peripheral clock, 0x4000_0000), extended to 64 bits; a 1 kHz SysTick interrupt runs
+//! the timer queue (so a timer fires at most 1 ms late) and lets the Ethernet driver check its
+//! RX FIFO (the board's Ethernet interrupt is not used). embassy's tick is 1 µs.
 //!
-//! Every tick the handler runs the timer queue (so a timer fires at most 1 ms late) and lets
-//! the Ethernet driver check its RX FIFO (the board's Ethernet interrupt is not used).
+//! Time is not counted in SysTick interrupts: when the host is busy, QEMU's vCPU can be
+//! descheduled for several periods and the coalesced interrupts lose ticks (measured: the
+//! firmware's clock ran about 3× slow on a loaded 2-core machine). The counter keeps virtual
+//! time; it wraps every 171 s and is read at least every tick, so no wrap is missed.
 
 use core::cell::{Cell, RefCell};
+use core::ptr::{read_volatile, write_volatile};
 use core::task::Waker;
 
+use cortex_m::peripheral::SYST;
 use cortex_m::peripheral::syst::SystClkSource;
-use cortex_m::peripheral::{SCB, SYST};
 use cortex_m_rt::exception;
 use critical_section::Mutex;
 use embassy_time_driver::Driver;
 use embassy_time_queue_utils::Queue;
 
-/// SysTick input clock on QEMU's MPS2 boards (the CPU clock).
+/// SysTick's and the APB timers' clock on QEMU's MPS2 boards.
 pub const CPU_HZ: u32 = 25_000_000;
 const TICK_HZ: u32 = 1_000;
 const RELOAD: u32 = CPU_HZ / TICK_HZ - 1;
 const CYCLES_PER_US: u32 = CPU_HZ / 1_000_000;
 
+/// CMSDK APB timer 0: CTRL, VALUE, RELOAD.
+const TIMER0_CTRL: *mut u32 = 0x4000_0000 as *mut u32;
+const TIMER0_VALUE: *mut u32 = 0x4000_0004 as *mut u32;
+const TIMER0_RELOAD: *mut u32 = 0x4000_0008 as *mut u32;
+
 struct SysTickDriver {
-    ms: Mutex<Cell<u64>>,
+    /// Timer 0 wraps seen, and the elapsed count at the last read.
+    wraps: Mutex<Cell<(u32, u32)>>,
     queue: Mutex<RefCell<Queue>>,
 }
 
 embassy_time_driver::time_driver_impl!(static DRIVER: SysTickDriver = SysTickDriver {
-    ms: Mutex::new(Cell::new(0)),
+    wraps: Mutex::new(Cell::new((0, 0))),
     queue: Mutex::new(RefCell::new(Queue::new())),
 });
 
-/// Starts the 1 kHz tick.
+/// Starts the clock (timer 0, free-running) and the 1 kHz tick.
 pub fn init(mut syst: SYST) {
+    // SAFETY: timer 0 is this driver's alone; word-aligned device registers.
+    unsafe {
+        write_volatile(TIMER0_CTRL, 0);
+        write_volatile(TIMER0_RELOAD, u32::MAX);
+        write_volatile(TIMER0_VALUE, u32::MAX);
+        write_volatile(TIMER0_CTRL, 1);
+    }
     syst.set_clock_source(SystClkSource::Core);
     syst.set_reload(RELOAD);
     syst.clear_current();
@@ -42,14 +60,15 @@ pub fn init(mut syst: SYST) {
 impl Driver for SysTickDriver {
     fn now(&self) -> u64 {
         critical_section::with(|cs| {
-            let mut ms = self.ms.borrow(cs).get();
-            let mut val = SYST::get_current();
-            // A wrap since the last handler run: the interrupt is pending, not yet counted.
-            if SCB::is_pendst_pending() {
-                ms += 1;
-                val = SYST::get_current();
+            let cell = self.wraps.borrow(cs);
+            let (mut wraps, last) = cell.get();
+            // SAFETY: a read of the counter register.
+            let elapsed = u32::MAX - unsafe { read_volatile(TIMER0_VALUE) };
+            if elapsed < last {
+                wraps = wraps.wrapping_add(1);
             }
-            ms * 1_000 + u64::from((RELOAD - val) / CYCLES_PER_US)
+            cell.set((wraps, elapsed));
+            ((u64::from(wraps) << 32) | u64::from(elapsed)) / u64::from(CYCLES_PER_US)
         })
     }
 
@@ -63,11 +82,7 @@ impl Driver for SysTickDriver {
 
 #[exception]
 fn SysTick() {
-    let now = critical_section::with(|cs| {
-        let ms = DRIVER.ms.borrow(cs);
-        ms.set(ms.get() + 1);
-        ms.get() * 1_000
-    });
+    let now = DRIVER.now();
     critical_section::with(|cs| {
         DRIVER.queue.borrow(cs).borrow_mut().next_expiration(now);
     });
