@@ -111,7 +111,12 @@ fn ip(args: &[&str]) -> bool {
 /// Adds an interface `name` with `cidr`, up: a dummy where the kernel has the driver, else one
 /// end of a veth pair (whose other end, without an address, is up too).
 fn add_iface(name: &str, cidr: &str) {
-    if !ip(&["link", "add", name, "type", "dummy"]) {
+    let dummy = std::process::Command::new("ip")
+        .args(["link", "add", name, "type", "dummy"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("ip runs");
+    if !dummy.success() {
         let peer = format!("{name}p");
         assert!(ip(&[
             "link", "add", name, "type", "veth", "peer", "name", &peer
@@ -159,4 +164,44 @@ fn link_gateways_follow_interfaces() {
                 c.wait().await.unwrap();
             });
     });
+}
+
+/// The quantum comes from `config.json` (`link.quantum`); a bad one stops the start naming it.
+#[test]
+fn quantum_is_a_setting() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let dir = TempDir::new("vm-link-quantum");
+            std::fs::create_dir_all(&dir.0).unwrap();
+            let config = dir.0.join("config.json");
+            let stop = CancellationToken::new();
+            let cfg = || {
+                let mut c = CoordinatorConfig::new(dir.0.clone());
+                c.http = "127.0.0.1:0".parse().unwrap();
+                c.osc = "127.0.0.1:0".parse().unwrap();
+                c
+            };
+            std::fs::write(&config, r#"{"version": 1, "link": {"quantum": 3}}"#).unwrap();
+            let c = start(cfg(), Arc::new(ClusterClock::new()), stop.clone())
+                .await
+                .expect("coordinator starts");
+            let s = c.snapshot().tempo;
+            assert_eq!(s.quantum, 3.0);
+            assert!((0.0..3.0).contains(&s.phase), "{s:?}");
+            assert!((s.phase - s.beats.rem_euclid(3.0)).abs() < 1e-9);
+            stop.cancel();
+            c.wait().await.unwrap();
+            std::fs::write(&config, r#"{"version": 1, "link": {"quantum": 0}}"#).unwrap();
+            let e = start(
+                cfg(),
+                Arc::new(ClusterClock::new()),
+                CancellationToken::new(),
+            )
+            .await
+            .expect_err("quantum 0 is refused");
+            assert!(e.to_string().contains("link.quantum"), "{e}");
+        });
 }
