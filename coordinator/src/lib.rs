@@ -460,6 +460,7 @@ async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationTo
             *g.counters.osc_dropped.entry(r).or_insert(0) += 1;
         }
         let mut wake = false;
+        let mut tempo_cmds = Vec::new();
         for c in cmds {
             let actions = match c {
                 OscCommand::Note {
@@ -472,6 +473,11 @@ async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationTo
                     g.alloc.note_on(now, note, velocity, channel)
                 }
                 OscCommand::Panic => g.alloc.panic(now),
+                // Tempo edits take the shared lock themselves: applied after this batch.
+                OscCommand::Tempo(_) | OscCommand::Transport(_) => {
+                    tempo_cmds.push(c);
+                    Vec::new()
+                }
                 OscCommand::Midi(ev) => {
                     let mut a: Vec<allocator::Action> = g
                         .alloc
@@ -488,6 +494,15 @@ async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationTo
             g.dispatch(actions, Some(rx_at));
         }
         drop(g);
+        let tempo = tempo::TempoHandle::new(shared.clone());
+        for c in tempo_cmds {
+            match c {
+                // In range: checked by the parser.
+                OscCommand::Tempo(milli) => drop(tempo.set_tempo_bpm(f64::from(milli) / 1000.0)),
+                OscCommand::Transport(on) => drop(tempo.set_playing(on)),
+                _ => {}
+            }
+        }
         if wake {
             shared.renew_wakeup.notify_one();
         }

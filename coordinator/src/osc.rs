@@ -21,6 +21,10 @@ pub const CC_ADDR: &str = "/voicemesh/cc";
 pub const BEND_ADDR: &str = "/voicemesh/bend";
 /// Address of channel aftertouch: `value [channel]`.
 pub const PRESSURE_ADDR: &str = "/voicemesh/pressure";
+/// Address of the tempo: one number, BPM (20–999).
+pub const TEMPO_ADDR: &str = "/voicemesh/tempo";
+/// Address of the transport: one integer, 1 start, 0 stop.
+pub const TRANSPORT_ADDR: &str = "/voicemesh/transport";
 /// Deepest bundle nesting accepted.
 pub const MAX_BUNDLE_DEPTH: usize = 4;
 /// Deepest OSC array nesting accepted in a type tag string.
@@ -43,6 +47,10 @@ pub enum OscCommand {
     /// A controller message (`/voicemesh/cc`, `/voicemesh/bend`, `/voicemesh/pressure`) for
     /// the allocator and the CV router.
     Midi(MidiEvent),
+    /// Set the cluster tempo, in thousandths of a BPM (see [`crate::tempo`]).
+    Tempo(u32),
+    /// Start (`true`) or stop the transport.
+    Transport(bool),
 }
 
 /// Why an OSC datagram or message was dropped. Each reason has its own counter.
@@ -164,7 +172,35 @@ fn message(m: &OscMessage) -> Result<OscCommand, DropReason> {
                 }))
             }
         }
+        TEMPO_ADDR | TRANSPORT_ADDR => {
+            let [a] = m.args.as_slice() else {
+                return Err(DropReason::BadArgs);
+            };
+            let v = number(a)?;
+            if m.addr == TRANSPORT_ADDR {
+                match v {
+                    0.0 => Ok(OscCommand::Transport(false)),
+                    1.0 => Ok(OscCommand::Transport(true)),
+                    _ => Err(DropReason::OutOfRange),
+                }
+            } else if v.is_finite() && (20.0..=999.0).contains(&v) {
+                Ok(OscCommand::Tempo((v * 1000.0).round() as u32))
+            } else {
+                Err(DropReason::OutOfRange)
+            }
+        }
         _ => Err(DropReason::UnknownAddress),
+    }
+}
+
+/// The value of an int, long, float or double argument.
+fn number(a: &OscType) -> Result<f64, DropReason> {
+    match a {
+        OscType::Int(i) => Ok(f64::from(*i)),
+        OscType::Long(l) => Ok(*l as f64),
+        OscType::Float(f) => Ok(f64::from(*f)),
+        OscType::Double(d) => Ok(*d),
+        _ => Err(DropReason::BadArgs),
     }
 }
 
@@ -174,13 +210,7 @@ fn opt_channel(a: Option<&OscType>) -> Result<u8, DropReason> {
 
 /// A pitch bend −8192..=8191 from an int, long, float or double argument (floats rounded).
 fn bend(a: &OscType) -> Result<i16, DropReason> {
-    let v: f64 = match a {
-        OscType::Int(i) => f64::from(*i),
-        OscType::Long(l) => *l as f64,
-        OscType::Float(f) => f64::from(*f),
-        OscType::Double(d) => *d,
-        _ => return Err(DropReason::BadArgs),
-    };
+    let v = number(a)?;
     let r = v.round();
     if r.is_finite() && (-8192.0..=8191.0).contains(&r) {
         Ok(r as i16)
@@ -191,13 +221,7 @@ fn bend(a: &OscType) -> Result<i16, DropReason> {
 
 /// An integer in `0..=max` from an int, long, float or double argument (floats are rounded).
 fn num(a: &OscType, max: u8) -> Result<u8, DropReason> {
-    let v: f64 = match a {
-        OscType::Int(i) => f64::from(*i),
-        OscType::Long(l) => *l as f64,
-        OscType::Float(f) => f64::from(*f),
-        OscType::Double(d) => *d,
-        _ => return Err(DropReason::BadArgs),
-    };
+    let v = number(a)?;
     let r = v.round();
     if r.is_finite() && (0.0..=f64::from(max)).contains(&r) {
         Ok(r as u8)

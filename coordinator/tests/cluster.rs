@@ -652,9 +652,23 @@ async fn tempo_change_is_broadcast_to_nodes() {
         let (st, body) = http_request(addr, "POST", "/api/tempo", Some(&t), bad).await;
         assert_eq!(st, 400, "{bad}: {body}");
     }
-    // Same tempo again and a handle call: only the real change is sent.
+    // Same tempo again, then OSC: only the real change is sent.
     f.coord.tempo().set_tempo_bpm(90.5).unwrap();
-    f.coord.tempo().set_tempo_bpm(150.0).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = f.coord.osc_addr();
+    for bad in [
+        osc("/voicemesh/tempo", vec![OscType::Float(10.0)]),
+        osc("/voicemesh/transport", vec![OscType::Int(2)]),
+        osc("/voicemesh/tempo", vec![OscType::String("fast".into())]),
+    ] {
+        sock.send_to(&bad, to).await.unwrap();
+    }
+    sock.send_to(&osc("/voicemesh/tempo", vec![OscType::Float(150.0)]), to)
+        .await
+        .unwrap();
+    sock.send_to(&osc("/voicemesh/transport", vec![OscType::Int(0)]), to)
+        .await
+        .unwrap();
     let tl = a
         .until(|m| match m {
             Message::Timeline(t) => Some(*t),
@@ -662,6 +676,9 @@ async fn tempo_change_is_broadcast_to_nodes() {
         })
         .await;
     assert_eq!(tl.ns_per_beat, 400_000_000);
+    let s = wait_for(&f.coord, Duration::from_secs(2), |s| !s.tempo.playing).await;
+    assert_eq!(s.osc.dropped["out_of_range"], 2, "{:?}", s.osc);
+    assert_eq!(s.osc.dropped["bad_args"], 1, "{:?}", s.osc);
     let (st, _) = http_request(addr, "POST", "/api/tempo", None, r#"{"playing": false}"#).await;
     assert_eq!(st, 401);
     f.shutdown.cancel();
