@@ -1,7 +1,9 @@
 //! embassy-time driver on GPT1: free-running at PERCLK (1 MHz on the teensy4-bsp clock
 //! policy, so one GPT count is one embassy tick), extended to 64 bits by its rollover
-//! interrupt; output compare 1 gives a 1 kHz tick that runs the timer queue and the periodic
-//! wake-ups of the Ethernet driver (PHY link polling).
+//! interrupt. Output compare 2 is the alarm: armed at the earliest timer in the queue, so a
+//! task wakes within microseconds of its time; output compare 1 gives a 1 kHz tick that also
+//! runs the queue (a fallback for an alarm armed too late to fire) and the periodic wake-ups
+//! of the Ethernet driver (PHY link polling).
 
 use core::cell::{Cell, RefCell};
 use core::task::Waker;
@@ -66,12 +68,33 @@ impl Driver for GptDriver {
 
     fn schedule_wake(&self, at: u64, waker: &Waker) {
         critical_section::with(|cs| {
-            self.queue.borrow(cs).borrow_mut().schedule_wake(at, waker);
+            let mut queue = self.queue.borrow(cs).borrow_mut();
+            if queue.schedule_wake(at, waker) {
+                let now = self.now();
+                let next = queue.next_expiration(now);
+                arm(&self.gpt.borrow(cs).borrow(), now, next);
+            }
         });
     }
 }
 
 /// The GPT1 interrupt vector (imxrt-ral's `rt` table names it).
+/// Arms output compare 2 at `next` (µs) when it is due within the counter's half range;
+/// anything later is left to the 1 kHz tick, which re-arms as it comes closer.
+fn arm(gpt: &Option<Gpt>, now: u64, next: u64) {
+    let Some(gpt) = gpt.as_ref() else { return };
+    let due = next.saturating_sub(now) < u64::from(u32::MAX / 2);
+    if due {
+        gpt.set_output_compare_count(OutputCompareRegister::OCR2, next as u32);
+        gpt.clear_elapsed(OutputCompareRegister::OCR2);
+    }
+    // `set_output_interrupt_on_compare` needs `&mut`; the IR register bit is set through
+    // the RAL instead (GPT1 is this driver's alone).
+    // SAFETY: a read-modify-write of GPT1's interrupt register inside a critical section.
+    let regs = unsafe { teensy4_bsp::ral::gpt::GPT1::instance() };
+    teensy4_bsp::ral::modify_reg!(teensy4_bsp::ral::gpt, regs, IR, OF2IE: u32::from(due));
+}
+
 #[unsafe(no_mangle)]
 extern "C" fn GPT1() {
     let now = critical_section::with(|cs| {
@@ -81,6 +104,9 @@ extern "C" fn GPT1() {
             gpt.clear_rollover();
             let high = DRIVER.high.borrow(cs);
             high.set(high.get().wrapping_add(1));
+        }
+        if gpt.is_elapsed(OutputCompareRegister::OCR2) {
+            gpt.clear_elapsed(OutputCompareRegister::OCR2);
         }
         if gpt.is_elapsed(OutputCompareRegister::OCR1) {
             gpt.clear_elapsed(OutputCompareRegister::OCR1);
@@ -96,7 +122,8 @@ extern "C" fn GPT1() {
     }
     let now = DRIVER.now();
     critical_section::with(|cs| {
-        DRIVER.queue.borrow(cs).borrow_mut().next_expiration(now);
+        let next = DRIVER.queue.borrow(cs).borrow_mut().next_expiration(now);
+        arm(&DRIVER.gpt.borrow(cs).borrow(), now, next);
     });
     crate::enet::tick(now);
 }
