@@ -87,9 +87,7 @@ async fn boot(spawner: Spawner, dev: EnetDriver, mut bank: dacs::Bank, session_i
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
-    // No debugger or console on a deployed board: stop; the coordinator's lease drops the
-    // gates, and the watchdog-free MCU needs a power cycle (docs/teensy.md).
-    loop {
-        cortex_m::asm::wfi();
-    }
+    // No debugger or console on a deployed board: start over. The DACs hold their codes
+    // until the new boot's session initialises them (docs/teensy.md).
+    cortex_m::peripheral::SCB::sys_reset()
 }
