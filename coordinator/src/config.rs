@@ -55,6 +55,9 @@ pub struct Config {
     /// Tempo and Ableton Link settings.
     #[serde(default)]
     pub link: LinkConfig,
+    /// RTP-MIDI sessions to invite and keep (docs/midi.md).
+    #[serde(default)]
+    pub rtpmidi: crate::rtpmidi::RtpMidiSettings,
 }
 
 /// Tempo and Ableton Link settings (docs/link.md).
@@ -86,6 +89,7 @@ impl Default for Config {
             channels: Vec::new(),
             cv: CvConfig::default(),
             link: LinkConfig::default(),
+            rtpmidi: Default::default(),
         }
     }
 }
@@ -265,6 +269,10 @@ impl Config {
                 message: format!("{q} is not a bar length: use more than 0 and at most 64 beats"),
             });
         }
+        self.rtpmidi.validate().map_err(|e| FieldError {
+            field: format!("rtpmidi.{}", e.field),
+            message: e.message,
+        })?;
         Ok(())
     }
 }

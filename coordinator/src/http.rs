@@ -67,6 +67,7 @@ pub(crate) fn router(shared: Arc<Shared>, token: Arc<str>, store: Arc<ConfigStor
         .route("/api/config/policy", get(get_policy).put(put_policy))
         .route("/api/config/channels", get(get_channels).put(put_channels))
         .route("/api/config/cv", get(get_cv).put(put_cv))
+        .route("/api/config/rtpmidi", get(get_rtpmidi).put(put_rtpmidi))
         .route("/api/tempo", get(get_tempo).post(crate::tempo::post_tempo))
         .route("/api/rtpmidi", get(rtpmidi_get))
         .route("/api/rtpmidi/sessions", axum::routing::post(rtpmidi_invite))
@@ -316,6 +317,22 @@ async fn get_channels(State(app): State<App>) -> Response {
     json_ok(&app.store.current.lock().await.channels)
 }
 
+async fn get_rtpmidi(State(app): State<App>) -> Response {
+    json_ok(&app.store.current.lock().await.rtpmidi)
+}
+
+async fn put_rtpmidi(State(app): State<App>, body: Bytes) -> Response {
+    put_part::<crate::rtpmidi::RtpMidiSettings>(
+        &app,
+        &body,
+        config::parse_json,
+        |v| v.validate(),
+        |c, v| c.rtpmidi = v,
+        |c| json_ok(&c.rtpmidi),
+    )
+    .await
+}
+
 async fn get_cv(State(app): State<App>) -> Response {
     json_ok(&app.store.current.lock().await.cv)
 }
@@ -359,6 +376,9 @@ where
             // Validated above; a failure here would be a bug, reported rather than hidden.
             tracing::error!("CV configuration saved but not applied: {e}");
         }
+    }
+    if let Some(h) = app.shared.rtpmidi.get() {
+        h.set_configured(&next.rtpmidi.invite);
     }
     *current = next;
     part(&current)

@@ -399,7 +399,15 @@ pub async fn start(
         shutdown.clone(),
     ));
     if let (Some(r), Some(b)) = (&cfg.rtpmidi, rtp_bound) {
-        let h = rtpmidi::start(r, b, shared.clone(), cfg.scope, &tracker, shutdown.clone());
+        let h = rtpmidi::start(
+            r,
+            &settings.rtpmidi,
+            b,
+            shared.clone(),
+            cfg.scope,
+            &tracker,
+            shutdown.clone(),
+        );
         let _ = shared.rtpmidi.set(h);
     }
     let jack_midi_port = jack_input.as_ref().map(|i| i.port_name().to_string());

@@ -101,6 +101,34 @@ impl Target {
     }
 }
 
+/// The persisted part (`rtpmidi` in `config.json`, `/api/config/rtpmidi`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtpMidiSettings {
+    /// Sessions to invite and keep: `ip:port`, `ip` or an mDNS session name (at most 16).
+    #[serde(default)]
+    pub invite: Vec<String>,
+}
+
+impl RtpMidiSettings {
+    /// Every entry must parse as a [`Target`]; at most 16.
+    pub fn validate(&self) -> Result<(), crate::config::FieldError> {
+        if self.invite.len() > 16 {
+            return Err(crate::config::FieldError {
+                field: "invite".into(),
+                message: "at most 16 sessions".into(),
+            });
+        }
+        for (i, t) in self.invite.iter().enumerate() {
+            Target::parse(t).map_err(|message| crate::config::FieldError {
+                field: format!("invite[{i}]"),
+                message,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// A session seen over mDNS.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {
@@ -153,6 +181,8 @@ struct Glue {
     found: BTreeMap<String, SocketAddr>,
     /// Names to invite when found.
     wanted: Vec<String>,
+    /// The invitations of the persisted configuration now in force.
+    configured: Vec<Target>,
     /// The MIDI-clock tempo last applied to the cluster timeline.
     applied_bpm: Option<f64>,
 }
@@ -204,6 +234,35 @@ impl Handle {
         let removed = lock(&self.core).remove(now, id);
         self.wake.notify_one();
         removed
+    }
+
+    /// Makes the configured invitations `list` (already validated): new ones are invited, ones
+    /// no longer listed are ended and forgotten.
+    pub fn set_configured(&self, list: &[String]) {
+        let next: Vec<Target> = list.iter().filter_map(|t| Target::parse(t).ok()).collect();
+        let old = std::mem::replace(&mut lock(&self.glue).configured, next.clone());
+        for gone in old.iter().filter(|t| !next.contains(t)) {
+            let addr = match gone {
+                Target::Addr(a) => Some(*a),
+                Target::Name(n) => {
+                    self.forget_name(n);
+                    lock(&self.glue).found.get(n).copied()
+                }
+            };
+            let id = addr.and_then(|a| {
+                lock(&self.core)
+                    .peers()
+                    .into_iter()
+                    .find(|p| p.role == session::Role::Initiator && p.control == a.to_string())
+                    .map(|p| p.id)
+            });
+            if let Some(id) = id {
+                self.remove(id);
+            }
+        }
+        for new in next.into_iter().filter(|t| !old.contains(t)) {
+            self.invite(new);
+        }
     }
 
     /// Stops inviting `name`.
@@ -365,6 +424,7 @@ pub(crate) fn bind(cfg: &RtpMidiConfig) -> std::io::Result<Bound> {
 /// saying BY to every session).
 pub(crate) fn start(
     cfg: &RtpMidiConfig,
+    settings: &RtpMidiSettings,
     bound: Bound,
     shared: Arc<Shared>,
     scope: NetScope,
@@ -394,6 +454,7 @@ pub(crate) fn start(
             Err(e) => tracing::warn!("RTP-MIDI invitation ignored: {e}"),
         }
     }
+    handle.set_configured(&settings.invite);
     match voicemesh_node::mdns::browse(scope, SERVICE, cancel.clone()) {
         Ok(rx) => {
             tracker.spawn(browse_task(handle.clone(), rx));
