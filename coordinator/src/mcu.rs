@@ -158,6 +158,9 @@ pub struct McuLink {
     welcome: Welcome,
     phase: Phase,
     heartbeat_seq: u32,
+    /// The MCU's datagram session id when it joined: a `Hello` under it again is a duplicate,
+    /// under another one a restart.
+    peer_session: Option<u32>,
     tx: wire::Sender,
     rx: wire::Receiver,
     transmits: VecDeque<Vec<u8>>,
@@ -184,6 +187,7 @@ impl McuLink {
             welcome,
             phase: Phase::Probing { next_probe: now },
             heartbeat_seq: 0,
+            peer_session: None,
             tx: wire::Sender::new(session),
             rx: wire::Receiver::default(),
             transmits: VecDeque::new(),
@@ -256,6 +260,13 @@ impl McuLink {
         self.events.push_back(McuEvent::Joined(hello));
     }
 
+    /// The MCU was heard from at `now`: it is offline only `offline_after` from here.
+    fn refresh_deadline(&mut self, now: u64) {
+        if let Phase::Joined { deadline, .. } = &mut self.phase {
+            *deadline = now + self.timing.offline_after_ns;
+        }
+    }
+
     fn lose(&mut self, now: u64, reason: LostReason) {
         self.phase = Phase::Probing { next_probe: now };
         // A new session of ours: whatever the MCU still thinks of the old one, it starts over
@@ -276,7 +287,7 @@ impl McuLink {
 
     /// One datagram from the MCU's address, received at `now` (monotonic) and `cluster`.
     pub fn handle_datagram(&mut self, now: u64, cluster: ClusterTime, bytes: &[u8]) -> Received {
-        let msg = match self.rx.decode(bytes) {
+        let (msg, session) = match self.rx.decode(bytes) {
             Ok(m) => m,
             Err(e) => {
                 let c = &mut self.counters;
@@ -298,31 +309,31 @@ impl McuLink {
                 }));
                 return Received::Dropped;
             }
-            (Phase::Probing { .. }, Message::Hello(h)) => self.join(now, h),
+            (Phase::Probing { .. }, Message::Hello(h)) => {
+                self.peer_session = Some(session);
+                self.join(now, h);
+            }
             (Phase::Probing { .. }, _) => {
                 self.counters.unexpected += 1;
                 return Received::Dropped;
             }
+            // The same MCU session again: our probe crossed its first Welcome. Welcome it again;
+            // nothing was lost.
+            (Phase::Joined { .. }, Message::Hello(_)) if self.peer_session == Some(session) => {
+                let welcome = Message::Welcome(self.welcome.clone());
+                self.queue(&welcome);
+                self.refresh_deadline(now);
+            }
             (Phase::Joined { .. }, Message::Hello(h)) => {
                 self.lose(now, LostReason::Restarted);
+                self.peer_session = Some(session);
                 self.join(now, h);
             }
             (Phase::Joined { .. }, Message::Bye(b)) => {
                 self.lose(now, LostReason::Bye(b.reason.to_string()));
             }
-            (
-                Phase::Joined {
-                    next_heartbeat,
-                    next_refresh,
-                    ..
-                },
-                m,
-            ) => {
-                self.phase = Phase::Joined {
-                    deadline: now + self.timing.offline_after_ns,
-                    next_heartbeat,
-                    next_refresh,
-                };
+            (Phase::Joined { .. }, m) => {
+                self.refresh_deadline(now);
                 match m {
                     Message::Heartbeat(_) => {}
                     Message::TimeSync(t) => self.events.push_back(McuEvent::TimeSync {
@@ -468,7 +479,8 @@ mod wire {
             self.window.counters()
         }
 
-        pub fn decode(&mut self, bytes: &[u8]) -> Result<Message, Drop> {
+        /// The message and the MCU session id it came under.
+        pub fn decode(&mut self, bytes: &[u8]) -> Result<(Message, u32), Drop> {
             let (header, frame) = match decode_datagram(bytes) {
                 Ok(d) => d,
                 Err(e) => {
@@ -480,7 +492,7 @@ mod wire {
                 }
             };
             match self.window.check(header) {
-                SeqVerdict::Fresh | SeqVerdict::Reordered => Ok(frame.message),
+                SeqVerdict::Fresh | SeqVerdict::Reordered => Ok((frame.message, header.session)),
                 SeqVerdict::Duplicate => Err(Drop::Duplicate),
                 SeqVerdict::TooOld => Err(Drop::Replayed),
             }
@@ -912,7 +924,7 @@ mod tests {
         }
         fn read(&mut self, link: &mut McuLink) -> Vec<Message> {
             std::iter::from_fn(|| link.poll_transmit())
-                .map(|d| self.rx.decode(&d).ok().expect("a valid datagram"))
+                .map(|d| self.rx.decode(&d).ok().expect("a valid datagram").0)
                 .collect()
         }
     }
@@ -1120,7 +1132,14 @@ mod tests {
         let d = mcu.datagram(&st);
         link.handle_datagram(MS, ClusterTime(0), &d);
         assert_eq!(events(&mut link), vec![McuEvent::Message(st)]);
-        // A second Hello in session: the MCU restarted (its numbering went on here).
+        // A second Hello under the same MCU session (a probe crossed the Welcome): welcomed
+        // again, nothing lost.
+        let d = mcu.datagram(&hello(Role::Mcu));
+        link.handle_datagram(2 * MS, ClusterTime(0), &d);
+        assert!(events(&mut link).is_empty());
+        assert!(matches!(&mcu.read(&mut link)[..], [Message::Welcome(_)]));
+        // A Hello under a new session id: the MCU restarted.
+        let mut mcu = FakeMcu::default();
         let d = mcu.datagram(&hello(Role::Mcu));
         link.handle_datagram(2 * MS, ClusterTime(0), &d);
         assert!(matches!(
