@@ -217,6 +217,16 @@ struct CoordinatorArgs {
     /// Address of the OSC server (UDP).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     osc: SocketAddr,
+    /// TCP port of OSC over TCP (SLIP or length-prefixed), on the --osc address (default: the
+    /// same port as UDP; 0 = any free port).
+    #[arg(long, value_name = "PORT")]
+    osc_tcp_port: Option<u16>,
+    /// HTTP port of the OSCQuery server, on the --osc address (0 = any free port).
+    #[arg(long, value_name = "PORT", default_value_t = 9001)]
+    oscquery_port: u16,
+    /// Do not run the OSCQuery server.
+    #[arg(long)]
+    no_oscquery: bool,
     /// How far ahead of now each event is scheduled, in milliseconds (0 = as soon as possible).
     #[arg(long, value_name = "MS", default_value_t = 5)]
     lookahead_ms: u64,
@@ -593,6 +603,8 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
             ..Default::default()
         }
     });
+    cfg.osc_tcp_port = a.osc_tcp_port;
+    cfg.oscquery_port = (!a.no_oscquery).then_some(a.oscquery_port);
     let (coordinator, ptp_task) = start_coordinator(cfg, a.net.ptp(scope), &shutdown).await?;
     println!("coordinator running ({})", scope_text(scope));
     println!("dashboard: {}", coordinator.dashboard_url());
@@ -605,6 +617,10 @@ async fn run_coordinator(a: CoordinatorArgs) -> Result<()> {
     }
     if let Some(p) = coordinator.jack_midi_port() {
         println!("jack-midi: {p}");
+    }
+    println!("osc: tcp://{}", coordinator.osc_tcp_addr());
+    if let Some(a) = coordinator.oscquery_addr() {
+        println!("oscquery: http://{a}/");
     }
     let result = coordinator.wait().await;
     shutdown.cancel();

@@ -13,6 +13,7 @@
 //! the coordinator it is the grandmaster's clock; the CLI runs PTP beside it).
 #![deny(missing_docs)]
 
+pub mod advertise;
 pub mod allocator;
 pub mod config;
 pub mod cv;
@@ -23,6 +24,7 @@ pub mod link;
 pub mod mcu;
 pub mod onsets;
 pub mod osc;
+mod oscquery;
 pub mod rtpmidi;
 pub mod session;
 mod state;
@@ -35,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use voicemesh_node::NetScope;
@@ -49,7 +51,6 @@ pub use state::{
 };
 
 use allocator::{AllocatorConfig, VoiceAllocator};
-use osc::OscCommand;
 use state::{Inner, Shared};
 
 /// Tempo of the timeline until Ableton Link drives it, in milli-BPM.
@@ -66,6 +67,11 @@ pub struct CoordinatorConfig {
     pub http: SocketAddr,
     /// OSC UDP address (default 127.0.0.1:9000).
     pub osc: SocketAddr,
+    /// OSC TCP port (SLIP or length-prefixed framing) on the OSC address's IP; `None` = the
+    /// port the UDP socket got.
+    pub osc_tcp_port: Option<u16>,
+    /// OSCQuery HTTP port on the OSC address's IP (0 = any free port); `None` = no OSCQuery.
+    pub oscquery_port: Option<u16>,
     /// Added to the current cluster time on every event (default 5 ms; 0 = as soon as possible).
     pub lookahead: Duration,
     /// Heartbeat interval of the control sessions (default 100 ms).
@@ -86,6 +92,8 @@ pub struct CoordinatorConfig {
     pub rtpmidi: Option<rtpmidi::RtpMidiConfig>,
     /// JACK MIDI input port; `None` = off.
     pub jack_midi: Option<jack_midi::JackMidiConfig>,
+    /// Publish the coordinator's services over mDNS in `scope` (see [`advertise`]).
+    pub advertise: bool,
 }
 
 impl CoordinatorConfig {
@@ -102,6 +110,8 @@ impl CoordinatorConfig {
                 [127, 0, 0, 1],
                 voicemesh_protocol::discovery::DEFAULT_OSC_PORT,
             )),
+            osc_tcp_port: None,
+            oscquery_port: Some(0),
             lookahead: Duration::from_millis(5),
             heartbeat: Duration::from_millis(100),
             offline_after: Duration::from_millis(250),
@@ -111,6 +121,7 @@ impl CoordinatorConfig {
             link: false,
             rtpmidi: None,
             jack_midi: None,
+            advertise: true,
         }
     }
 }
@@ -193,9 +204,12 @@ pub struct RunningCoordinator {
     shared: Arc<Shared>,
     http_addr: SocketAddr,
     osc_addr: SocketAddr,
+    osc_tcp_addr: SocketAddr,
+    oscquery_addr: Option<SocketAddr>,
     token: Arc<str>,
     tracker: TaskTracker,
     connectors: discovery::Connectors,
+    advertisement: Option<voicemesh_node::mdns::Advertisement>,
     error: Arc<Mutex<Option<RunError>>>,
     jack_midi_port: Option<String>,
 }
@@ -219,6 +233,16 @@ impl RunningCoordinator {
     /// The JACK MIDI input port's full name, when enabled.
     pub fn jack_midi_port(&self) -> Option<&str> {
         self.jack_midi_port.as_deref()
+    }
+
+    /// Where OSC over TCP is accepted.
+    pub fn osc_tcp_addr(&self) -> SocketAddr {
+        self.osc_tcp_addr
+    }
+
+    /// Where the OSCQuery server listens, if it runs.
+    pub fn oscquery_addr(&self) -> Option<SocketAddr> {
+        self.oscquery_addr
     }
 
     /// The API access token.
@@ -251,10 +275,19 @@ impl RunningCoordinator {
         self.connectors.add_mcu(addr);
     }
 
+    /// The full DNS-SD names of the services published over mDNS (empty when not advertising).
+    pub fn advertised(&self) -> &[String] {
+        self.advertisement.as_ref().map_or(&[], |a| a.fullnames())
+    }
+
     /// Waits until the shutdown token is cancelled and every task has finished.
     pub async fn wait(self) -> Result<(), RunError> {
         self.tracker.close();
         self.tracker.wait().await;
+        if let Some(a) = self.advertisement {
+            // The tasks end on shutdown; this sends the mDNS goodbye and waits until it is out.
+            a.stop().await;
+        }
         self.connectors.endpoint.wait_idle().await;
         match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
@@ -264,11 +297,10 @@ impl RunningCoordinator {
 }
 
 fn bind_error(e: std::io::Error, what: &'static str, addr: SocketAddr) -> StartError {
-    if e.kind() == std::io::ErrorKind::AddrInUse {
-        match what {
-            "HTTP" => StartError::HttpPortInUse(addr),
-            _ => StartError::OscPortInUse(addr),
-        }
+    if e.kind() == std::io::ErrorKind::AddrInUse && what == "HTTP" {
+        StartError::HttpPortInUse(addr)
+    } else if e.kind() == std::io::ErrorKind::AddrInUse && what == "OSC" {
+        StartError::OscPortInUse(addr)
     } else {
         StartError::Bind {
             what,
@@ -333,6 +365,27 @@ pub async fn start(
         Some(j) => Some(jack_midi::open(j).map_err(StartError::JackMidi)?),
         None => None,
     };
+    let tcp_want = SocketAddr::new(osc_addr.ip(), cfg.osc_tcp_port.unwrap_or(osc_addr.port()));
+    let osc_tcp = tokio::net::TcpListener::bind(tcp_want)
+        .await
+        .map_err(|e| bind_error(e, "OSC TCP", tcp_want))?;
+    let osc_tcp_addr = osc_tcp
+        .local_addr()
+        .map_err(|e| bind_error(e, "OSC TCP", tcp_want))?;
+    let oscquery_listener = match cfg.oscquery_port {
+        Some(port) => {
+            let want = SocketAddr::new(osc_addr.ip(), port);
+            let l = tokio::net::TcpListener::bind(want)
+                .await
+                .map_err(|e| bind_error(e, "OSCQuery", want))?;
+            let a = l
+                .local_addr()
+                .map_err(|e| bind_error(e, "OSCQuery", want))?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    let oscquery_addr = oscquery_listener.as_ref().map(|(_, a)| *a);
     let endpoint = session::client_endpoint(SocketAddr::new(cfg.scope.bind_ip(), 0))
         .map_err(StartError::Quic)?;
 
@@ -371,6 +424,7 @@ pub async fn start(
             tempo: tempo::TempoState::new(timeline, settings.link.quantum),
             mcus: Default::default(),
             onsets: Default::default(),
+            osc: osc::server::OscState::new(cfg.lookahead.as_nanos() as u64),
         }),
         renew_wakeup: tokio::sync::Notify::new(),
         tempo_changed: tokio::sync::Notify::new(),
@@ -388,7 +442,13 @@ pub async fn start(
         connectors.clone(),
         shutdown.clone(),
     ));
-    tracker.spawn(osc_task(shared.clone(), osc_socket, shutdown.clone()));
+    osc::server::spawn(
+        shared.clone(),
+        osc_socket,
+        Some(osc_tcp),
+        &tracker,
+        shutdown.clone(),
+    );
     tracker.spawn(renew_task(shared.clone(), shutdown.clone()));
     tracker.spawn(link::glue::run(
         tempo::TempoHandle::new(shared.clone()),
@@ -410,6 +470,22 @@ pub async fn start(
         );
         let _ = shared.rtpmidi.set(h);
     }
+    let ports = advertise::Ports {
+        http: Some(http_addr),
+        osc_udp: Some(osc_addr),
+        osc_tcp: Some(osc_tcp_addr),
+        oscquery: oscquery_addr,
+        apple_midi: shared.rtpmidi.get().map(|h| h.control_addr()),
+    };
+    let advertisement = if cfg.advertise {
+        let services = advertise::services(&cfg.id, &ports);
+        Some(
+            advertise::start(&cfg.id, cfg.scope, &services, shutdown.clone())
+                .map_err(|e| StartError::Mdns(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let jack_midi_port = jack_input.as_ref().map(|i| i.port_name().to_string());
     if let Some(input) = jack_input {
         tracing::info!(port = input.port_name(), "JACK MIDI input");
@@ -431,90 +507,36 @@ pub async fn start(
             *err_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunError::Http(e));
         }
     });
-    tracing::info!(%http_addr, %osc_addr, "coordinator started");
+    if let Some((listener, _)) = oscquery_listener {
+        let host = oscquery::HostInfo {
+            name: format!("VoiceMesh {}", cfg.id),
+            osc_udp: osc_addr,
+        };
+        let app = oscquery::router(shared.clone(), host);
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!("OSCQuery server failed: {e}");
+            }
+        });
+    }
+    tracing::info!(%http_addr, %osc_addr, %osc_tcp_addr, ?oscquery_addr, "coordinator started");
     Ok(RunningCoordinator {
         shared,
         http_addr,
         osc_addr,
+        osc_tcp_addr,
+        oscquery_addr,
         token,
         tracker,
         connectors,
+        advertisement,
         error,
         jack_midi_port,
     })
-}
-
-/// Receives OSC datagrams, turns them into allocator calls and queues the resulting events.
-async fn osc_task(shared: Arc<Shared>, socket: UdpSocket, cancel: CancellationToken) {
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let n = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok((n, _)) => n,
-                Err(e) => {
-                    // ICMP errors and the like: keep serving.
-                    tracing::debug!("OSC receive error: {e}");
-                    continue;
-                }
-            },
-        };
-        let rx_at = Instant::now();
-        let (cmds, drops) = osc::parse_datagram(&buf[..n]);
-        let now = shared.now();
-        let mut g = shared.lock();
-        g.counters.osc_received += 1;
-        for r in drops {
-            *g.counters.osc_dropped.entry(r).or_insert(0) += 1;
-        }
-        let mut wake = false;
-        let mut tempo_cmds = Vec::new();
-        for c in cmds {
-            let actions = match c {
-                OscCommand::Note {
-                    note,
-                    velocity,
-                    channel,
-                } => {
-                    g.counters.osc_notes += 1;
-                    wake |= velocity > 0;
-                    g.alloc.note_on(now, note, velocity, channel)
-                }
-                OscCommand::Panic => g.alloc.panic(now),
-                // Tempo edits take the shared lock themselves: applied after this batch.
-                OscCommand::Tempo(_) | OscCommand::Transport(_) => {
-                    tempo_cmds.push(c);
-                    Vec::new()
-                }
-                OscCommand::Midi(ev) => {
-                    let mut a: Vec<allocator::Action> = g
-                        .alloc
-                        .handle_midi(now, ev)
-                        .map(|(n, m)| (n.to_string(), m))
-                        .collect();
-                    // Controllers for MCUs that are not connected are skipped (they get the
-                    // last values when they join), not queued and counted as dropped.
-                    let cv = g.cv.handle_midi(now, &ev);
-                    a.extend(cv.into_iter().filter(|(n, _)| g.connected(n)));
-                    a
-                }
-            };
-            g.dispatch(actions, Some(rx_at));
-        }
-        drop(g);
-        let tempo = tempo::TempoHandle::new(shared.clone());
-        for c in tempo_cmds {
-            match c {
-                // In range: checked by the parser.
-                OscCommand::Tempo(milli) => drop(tempo.set_tempo_bpm(f64::from(milli) / 1000.0)),
-                OscCommand::Transport(on) => drop(tempo.set_playing(on)),
-                _ => {}
-            }
-        }
-        if wake {
-            shared.renew_wakeup.notify_one();
-        }
-    }
 }
 
 /// Sends lease renewals when the allocator says they are due.

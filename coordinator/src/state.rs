@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     pub mcus: BTreeMap<String, crate::mcu::McuView>,
     /// Recent voice starts reported by the nodes (onset spread).
     pub onsets: crate::onsets::OnsetLog,
+    /// Rate limiter, timetag scheduler, subscribers and global parameters of OSC.
+    pub osc: crate::osc::server::OscState,
 }
 
 #[derive(Debug)]
@@ -160,7 +162,9 @@ impl Inner {
         osc_rx: Option<Instant>,
         midi_rx: Option<Instant>,
     ) {
-        for (node, msg) in actions {
+        // Global parameters set over OSC follow every VoiceOn, whichever input started it.
+        let params = self.osc.voice_on_params(&actions);
+        for (node, msg) in actions.into_iter().chain(params) {
             let on = matches!(msg, Message::VoiceOn(_));
             let (stamp, midi_stamp) = if on { (osc_rx, midi_rx) } else { (None, None) };
             let sent = self
@@ -369,6 +373,16 @@ pub struct OscSnapshot {
     pub notes: u64,
     /// Messages or datagrams dropped, by reason (see docs/osc.md).
     pub dropped: BTreeMap<String, u64>,
+    /// Commands held for a future bundle timetag so far.
+    pub scheduled: u64,
+    /// Commands waiting for their timetag now.
+    pub pending: u64,
+    /// Commands that ran after their timetag (late bundles).
+    pub late: u64,
+    /// Controllers subscribed to state messages.
+    pub subscribers: u64,
+    /// OSC TCP connections accepted so far.
+    pub tcp_connections: u64,
 }
 
 /// Summary of latency samples, in microseconds.
@@ -501,6 +515,11 @@ impl Shared {
                         )
                     })
                     .collect(),
+                scheduled: g.osc.scheduler.scheduled(),
+                pending: g.osc.scheduler.pending() as u64,
+                late: g.osc.scheduler.late(),
+                subscribers: g.osc.subscribers() as u64,
+                tcp_connections: g.osc.tcp_connections,
             },
             latency: LatencySnapshot {
                 osc_to_session_us: Inner::latency_summary(&g.latency),
