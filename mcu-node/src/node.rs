@@ -158,6 +158,12 @@ impl McuNode {
         &self.servo
     }
 
+    /// Replaces the clock servo (before the first datagram), e.g. with one from
+    /// [`ClockServo::with_thresholds`] for a jittery link.
+    pub fn set_servo(&mut self, servo: ClockServo) {
+        self.servo = servo;
+    }
+
     /// The CV engine (codes, assignments, counters).
     pub fn engine(&self) -> &CvEngine {
         &self.engine

@@ -5,7 +5,8 @@
 //! whose round trip cancels the network delay (`cluster = transmit + delay / 2`), otherwise from
 //! the coordinator's heartbeats (one-way, so late by the one-way delay). Each sample's phase
 //! error drives a PI loop: a quarter of the error goes into the phase, a share of the error
-//! rate into the frequency. An error over [`STEP_NS`] steps the clock instead (start-up, or a
+//! rate into the frequency. An error over [`STEP_NS`] (or the threshold given to
+//! [`ClockServo::with_thresholds`]) steps the clock instead (start-up, or a
 //! coordinator whose time jumped). Samples whose round trip is much longer than the recent
 //! minimum are dropped: on a LAN those are the queued ones, and their error is mostly queueing.
 //!
@@ -21,20 +22,23 @@ use voicemesh_protocol::ClusterTime;
 
 use crate::LocalTime;
 
-/// A phase error larger than this steps the clock instead of slewing it.
+/// A phase error larger than this steps the clock instead of slewing it (the default; see
+/// [`ClockServo::with_thresholds`]).
 pub const STEP_NS: i64 = 1_000_000;
 /// Frequency corrections are clamped to ± this many parts per billion (±500 ppm).
 pub const MAX_RATE_PPB: i64 = 500_000;
 /// Samples before the servo may call itself locked.
 const LOCK_SAMPLES: u32 = 8;
-/// A locked servo's smoothed error must stay under this.
-const LOCK_ERROR_NS: i64 = 200_000;
+/// A locked servo's smoothed error must stay under this (the default).
+pub const LOCK_ERROR_NS: i64 = 200_000;
 /// Round-trip samples kept for the minimum-delay filter.
 const DELAY_HISTORY: usize = 8;
 
 /// Disciplines a local clock to cluster time. See the module docs.
 #[derive(Clone, Debug)]
 pub struct ClockServo {
+    step_ns: i64,
+    lock_error_ns: i64,
     started: bool,
     base_local: u64,
     base_cluster: i128,
@@ -63,7 +67,17 @@ impl Default for ClockServo {
 impl ClockServo {
     /// A servo with no sample yet: cluster time equals local time until the first one.
     pub const fn new() -> Self {
+        Self::with_thresholds(STEP_NS, LOCK_ERROR_NS)
+    }
+
+    /// A servo that steps on phase errors over `step_ns` and calls itself locked while its
+    /// smoothed error stays under `lock_error_ns` — for a link whose delays jitter by more
+    /// than the defaults allow (an emulated board: QEMU's vCPU and I/O threads share the
+    /// host's cores, so a sample now and then is late by milliseconds).
+    pub const fn with_thresholds(step_ns: i64, lock_error_ns: i64) -> Self {
         ClockServo {
+            step_ns,
+            lock_error_ns,
             started: false,
             base_local: 0,
             base_cluster: 0,
@@ -88,7 +102,9 @@ impl ClockServo {
 
     /// Whether the servo has converged: enough samples since the last step and a small error.
     pub const fn locked(&self) -> bool {
-        self.started && self.samples >= LOCK_SAMPLES && self.smoothed_abs_error_ns < LOCK_ERROR_NS
+        self.started
+            && self.samples >= LOCK_SAMPLES
+            && self.smoothed_abs_error_ns < self.lock_error_ns
     }
 
     /// The phase error of the last sample (cluster − model), ns.
@@ -178,7 +194,7 @@ impl ClockServo {
     fn sample(&mut self, local: LocalTime, cluster: i128) {
         let model = self.cluster(local).0 as i128;
         let err = cluster - model;
-        if !self.started || err.abs() > STEP_NS as i128 {
+        if !self.started || err.abs() > self.step_ns as i128 {
             if self.started {
                 self.steps += 1;
             }

@@ -137,3 +137,28 @@ fn one_way_samples_step_then_track_and_a_jump_steps_again() {
     ));
     assert_eq!(s.dropped(), 1);
 }
+
+#[test]
+fn thresholds_for_a_jittery_link_slew_a_3_ms_error_and_lock_at_1_ms() {
+    // Samples every 100 ms on a perfect clock, with one sample 3 ms off (a late delivery).
+    let feed = |s: &mut ClockServo| {
+        for i in 1..=40u64 {
+            let l = i * 100_000_000;
+            let err = if i == 20 { 3_000_000 } else { 0 };
+            s.handle_one_way(LocalTime(l), ClusterTime(5_000_000_000 + l + err));
+        }
+    };
+    // The default servo steps on it (and starts counting lock samples again)…
+    let mut strict = ClockServo::new();
+    feed(&mut strict);
+    assert_eq!(
+        strict.steps(),
+        2,
+        "the 3 ms sample and the one after it step back"
+    );
+    // …one tuned for a jittery link slews instead, and locks with a 1 ms smoothed error.
+    let mut tolerant = ClockServo::with_thresholds(20_000_000, 1_000_000);
+    feed(&mut tolerant);
+    assert_eq!(tolerant.steps(), 0);
+    assert!(tolerant.locked(), "error {}", tolerant.last_error_ns());
+}

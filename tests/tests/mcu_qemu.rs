@@ -187,10 +187,13 @@ print("resolved", info.parsed_addresses()[0], info.port, sorted(props.items()))
 
 const TOKEN: &str = "qemu-test-token-0";
 const LOOKAHEAD_MS: u64 = 200;
-/// How far from its cluster time a DAC write may land: the firmware's timer tick (1 ms), its
-/// clock servo's error over a TAP link whose far end is an emulated CPU (QEMU's vCPU thread
-/// shares 2 cores with everything else CI runs), and the OSC bracket.
-const TIME_TOLERANCE_NS: u64 = 10_000_000;
+/// How far outside the note's due window (the OSC bracket) a DAC write may land. Measured
+/// with the firmware's alarm timer and WFI idle (docs/mcu.md "Firmware"): 0–2.6 ms after the
+/// window on a 2-core host at load 4–7, of which ~1 ms is QEMU translating the note path's
+/// code on its first run and the rest the host descheduling QEMU's threads; the servo's
+/// error is under 0.2 ms. 5 ms leaves room for a loaded CI machine (it was 10 ms when the
+/// firmware's timers fired on a 1 kHz tick and its idle loop spun the vCPU).
+const TIME_TOLERANCE_NS: u64 = 5_000_000;
 /// The coordinator's default voice lease.
 const LEASE: Duration = Duration::from_secs(1);
 
@@ -320,6 +323,15 @@ fn a_coordinator_plays_the_firmware_and_its_death_drops_the_gate() {
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!("MCU clock settled {:?} after the join", t0.elapsed());
+        // …and its servo (thresholds for an emulated board's jitter) calls itself locked.
+        let t0 = Instant::now();
+        wait_node(
+            fw,
+            Duration::from_secs(20),
+            "the MCU's clock servo locked",
+            |n| n["cv"]["clock_locked"] == true,
+        );
+        eprintln!("MCU clock locked {:?} after settling", t0.elapsed());
 
         // A note through OSC: C4 = 2 octaves above the base note C2 → 2 V → code 1600 with the
         // calibration; the gate goes to 5 V = full scale (4095) of the virtual 0–5 V DAC.
@@ -355,7 +367,9 @@ fn a_coordinator_plays_the_firmware_and_its_death_drops_the_gate() {
                 at.saturating_sub(due_hi) as f64
             } / 1e6;
             eprintln!(
-                "channel {ch}: written {err_ms:+.3} ms from the note's due window (servo offset {} ns, locked {})",
+                "channel {ch}: written {err_ms:+.3} ms from the note's due window ({:+.3} ms from its start, window {:.3} ms; servo offset {} ns, locked {})",
+                (*at as f64 - due_lo as f64) / 1e6,
+                (due_hi - due_lo) as f64 / 1e6,
                 n["cv"]["clock_offset_ns"], n["cv"]["clock_locked"]
             );
             assert!(

@@ -6,6 +6,7 @@ use embassy_time::{Duration, Instant, Timer};
 use static_cell::StaticCell;
 
 use voicemesh_mcu::McuConfig;
+use voicemesh_mcu::servo::ClockServo;
 
 use crate::session::{self, DacBank};
 use crate::{NodeConfig, info, mdns};
@@ -48,7 +49,8 @@ async fn mdns_task(
     }
 }
 
-/// Waits for an address, starts the mDNS responder and runs the node's session on `bank`.
+/// Waits for an address, starts the mDNS responder and runs the node's session on `bank`
+/// with `servo`.
 pub async fn run<B: DacBank>(
     spawner: Spawner,
     stack: Stack<'static>,
@@ -56,11 +58,12 @@ pub async fn run<B: DacBank>(
     advert: mdns::Advert,
     seed: u64,
     mcu: McuConfig,
+    servo: ClockServo,
     bank: &mut B,
 ) -> ! {
     stack.wait_config_up().await;
     let addr = stack.config_v4().map(|c| c.address);
     info!("fw: network up: id={} addr={:?}", config.id, addr);
     spawner.spawn(mdns_task(stack, config, advert, seed).expect("mdns task"));
-    session::run(stack, config, mcu, bank).await
+    session::run(stack, config, mcu, servo, bank).await
 }

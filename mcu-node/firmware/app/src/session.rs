@@ -10,6 +10,7 @@ use embassy_futures::select::{Either, select};
 use embassy_net::udp::{PacketMetadata, UdpSocket};
 use embassy_net::{IpEndpoint, Stack};
 use embassy_time::{Instant, Timer};
+use voicemesh_mcu::servo::ClockServo;
 use voicemesh_mcu::{DacOp, LocalTime, McuConfig, McuNode};
 use voicemesh_protocol::datagram::MAX_DATAGRAM_LEN;
 
@@ -35,11 +36,12 @@ pub fn now() -> LocalTime {
     LocalTime(Instant::now().as_micros().saturating_mul(1_000))
 }
 
-/// Runs the node on `config.port` forever.
+/// Runs the node on `config.port` forever, its cluster time kept by `servo`.
 pub async fn run<B: DacBank>(
     stack: Stack<'_>,
     config: &NodeConfig,
     mcu: McuConfig,
+    servo: ClockServo,
     bank: &mut B,
 ) -> ! {
     // The coordinator sends its full state in bursts (a CvAssign per channel, every voice,
@@ -54,6 +56,7 @@ pub async fn run<B: DacBank>(
         panic!("bind udp {}: {:?}", config.port, e);
     }
     let mut node = McuNode::new(mcu, now());
+    node.set_servo(servo);
     let mut coordinator: Option<IpEndpoint> = None;
     let mut joined = false;
     let mut inbuf = [0u8; MAX_DATAGRAM_LEN];

@@ -12,11 +12,14 @@ mod semihosting;
 mod systick;
 mod vdac;
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use embassy_executor::Spawner;
 use embassy_net::Runner;
 use static_cell::StaticCell;
 use voicemesh_fw_app::rng::XorShift;
 use voicemesh_fw_app::{NodeConfig, info, mdns, net};
+use voicemesh_mcu::servo::ClockServo;
 use voicemesh_mcu::{DacSpec, McuConfig};
 
 use crate::lan9118::Lan9118;
@@ -33,9 +36,33 @@ fn main() -> ! {
     let p = cortex_m::Peripherals::take().expect("peripherals taken once");
     voicemesh_fw_app::log::set_sink(semihosting::log_line);
     systick::init(p.SYST);
-    static EXECUTOR: StaticCell<embassy_executor::Executor> = StaticCell::new();
-    let executor = EXECUTOR.init(embassy_executor::Executor::new());
-    executor.run(|spawner| spawner.spawn(boot(spawner).expect("boot task")))
+    static EXECUTOR: StaticCell<embassy_executor::raw::Executor> = StaticCell::new();
+    let executor = EXECUTOR.init(embassy_executor::raw::Executor::new(core::ptr::null_mut()));
+    let spawner = executor.spawner();
+    spawner.spawn(boot(spawner).expect("boot task"));
+    loop {
+        // SAFETY: polled from this one thread only.
+        unsafe { executor.poll() };
+        // Sleep with WFI, not embassy's WFE: QEMU implements WFE as a yield, so the vCPU
+        // thread would spin at 100 % of a host core, and on a loaded host the scheduler then
+        // makes it (and the timer interrupt it waits for) wait for a time slice — measured:
+        // timers firing several ms late. A halted vCPU sleeps and is woken promptly. With
+        // interrupts masked, a wake-up that comes between the check and the WFI still ends
+        // the WFI (it pends), and the handler runs when they are unmasked.
+        cortex_m::interrupt::free(|_| {
+            if !WORK.swap(false, Ordering::Acquire) {
+                cortex_m::asm::wfi();
+            }
+        });
+    }
+}
+
+/// Set by the executor's pender (a task was woken); cleared before each poll.
+static WORK: AtomicBool = AtomicBool::new(false);
+
+#[unsafe(export_name = "__pender")]
+fn pender(_context: *mut ()) {
+    WORK.store(true, Ordering::Release);
 }
 
 #[embassy_executor::task]
@@ -93,7 +120,12 @@ async fn boot(spawner: Spawner) -> ! {
         session_id,
     };
     let mut bank = vdac::VirtualBank::<1>::new();
-    net::run(spawner, stack, config, advert, seed, mcu, &mut bank).await
+    // QEMU's vCPU and I/O threads share the host's cores: now and then a datagram is seen
+    // milliseconds late (measured up to ~5 ms on a loaded 2-core host, 30 ms at boot), so
+    // the default 1 ms step threshold would step the clock on such a sample and restart the
+    // lock count. Step only on 10 ms; call the clock locked within 1 ms.
+    let servo = ClockServo::with_thresholds(10_000_000, 1_000_000);
+    net::run(spawner, stack, config, advert, seed, mcu, servo, &mut bank).await
 }
 
 #[panic_handler]

@@ -1,7 +1,14 @@
 //! embassy-time driver: time from the MPS2's CMSDK APB timer 0 (a 32-bit down-counter at the
-//! 25 MHz peripheral clock, 0x4000_0000), extended to 64 bits; a 1 kHz SysTick interrupt runs
-//! the timer queue (so a timer fires at most 1 ms late) and lets the Ethernet driver check its
-//! RX FIFO (the board's Ethernet interrupt is not used). embassy's tick is 1 µs.
+//! 25 MHz peripheral clock, 0x4000_0000), extended to 64 bits. CMSDK APB timer 1
+//! (0x4000_1000, IRQ 9) is the alarm: a one-shot countdown to the queue's earliest timer, so a
+//! task wakes at its time. A 1 kHz SysTick interrupt lets the Ethernet driver check its RX FIFO
+//! (the board's Ethernet interrupt is not used) and runs the queue too, as a fallback.
+//! embassy's tick is 1 µs.
+//!
+//! Why an alarm: with the queue run only by the tick, a timer fired on the first tick after
+//! its time, and QEMU delivers the 1 kHz SysTick late too (measured in the QEMU test: DAC
+//! writes 1.6–1.8 ms after their deadline on an idle host, several ms under load). With the
+//! alarm, and the WFI idle loop (main.rs), the note's timer wakes 50–85 µs after it.
 //!
 //! Time is not counted in SysTick interrupts: when the host is busy, QEMU's vCPU can be
 //! descheduled for several periods and the coalesced interrupts lose ticks (measured: the
@@ -29,6 +36,19 @@ const CYCLES_PER_US: u32 = CPU_HZ / 1_000_000;
 const TIMER0_CTRL: *mut u32 = 0x4000_0000 as *mut u32;
 const TIMER0_VALUE: *mut u32 = 0x4000_0004 as *mut u32;
 const TIMER0_RELOAD: *mut u32 = 0x4000_0008 as *mut u32;
+/// CMSDK APB timer 1 (the alarm): CTRL, VALUE, RELOAD, INTSTATUS/INTCLEAR; its NVIC line.
+const TIMER1_CTRL: *mut u32 = 0x4000_1000 as *mut u32;
+const TIMER1_VALUE: *mut u32 = 0x4000_1004 as *mut u32;
+const TIMER1_RELOAD: *mut u32 = 0x4000_1008 as *mut u32;
+const TIMER1_INTCLEAR: *mut u32 = 0x4000_100C as *mut u32;
+const TIMER1_IRQ: i16 = 9;
+/// CTRL bits: enable, interrupt enable.
+const CTRL_EN: u32 = 1;
+const CTRL_IRQ_EN: u32 = 1 << 3;
+/// NVIC interrupt set-enable register 0.
+const NVIC_ISER0: *mut u32 = 0xE000_E100 as *mut u32;
+/// The alarm's longest countdown (the tick re-arms it as later timers come closer).
+const MAX_ALARM_US: u64 = 1_000_000;
 
 struct SysTickDriver {
     /// Timer 0 wraps seen, and the elapsed count at the last read.
@@ -48,7 +68,11 @@ pub fn init(mut syst: SYST) {
         write_volatile(TIMER0_CTRL, 0);
         write_volatile(TIMER0_RELOAD, u32::MAX);
         write_volatile(TIMER0_VALUE, u32::MAX);
-        write_volatile(TIMER0_CTRL, 1);
+        write_volatile(TIMER0_CTRL, CTRL_EN);
+        write_volatile(TIMER1_CTRL, 0);
+        write_volatile(TIMER1_RELOAD, u32::MAX);
+        write_volatile(TIMER1_INTCLEAR, 1);
+        write_volatile(NVIC_ISER0, 1 << TIMER1_IRQ);
     }
     syst.set_clock_source(SystClkSource::Core);
     syst.set_reload(RELOAD);
@@ -74,17 +98,43 @@ impl Driver for SysTickDriver {
 
     fn schedule_wake(&self, at: u64, waker: &Waker) {
         critical_section::with(|cs| {
-            self.queue.borrow(cs).borrow_mut().schedule_wake(at, waker);
+            if self.queue.borrow(cs).borrow_mut().schedule_wake(at, waker) {
+                self.run_queue(cs);
+            }
         });
-        // Due already: the next tick fires it (at most 1 ms late), nothing to arm.
+    }
+}
+
+impl SysTickDriver {
+    /// Wakes every due timer and arms the alarm at the earliest one left.
+    fn run_queue(&self, cs: critical_section::CriticalSection<'_>) {
+        let now = self.now();
+        let next = self.queue.borrow(cs).borrow_mut().next_expiration(now);
+        // `next_expiration` woke everything due by `now`: `next` is later (or never).
+        let us = next.saturating_sub(now).clamp(1, MAX_ALARM_US);
+        // SAFETY: timer 1 is this driver's alone; word-aligned device registers.
+        unsafe {
+            write_volatile(TIMER1_CTRL, 0);
+            write_volatile(TIMER1_INTCLEAR, 1);
+            if next != u64::MAX {
+                write_volatile(TIMER1_VALUE, us as u32 * CYCLES_PER_US);
+                write_volatile(TIMER1_CTRL, CTRL_EN | CTRL_IRQ_EN);
+            }
+        }
     }
 }
 
 #[exception]
 fn SysTick() {
-    let now = DRIVER.now();
-    critical_section::with(|cs| {
-        DRIVER.queue.borrow(cs).borrow_mut().next_expiration(now);
-    });
+    critical_section::with(|cs| DRIVER.run_queue(cs));
     crate::lan9118::poll_wake(crate::lan9118::BASE);
+}
+
+/// Every external interrupt lands here (cortex-m-rt's default vector table); only the alarm's
+/// is enabled.
+#[exception]
+unsafe fn DefaultHandler(irqn: i16) {
+    if irqn == TIMER1_IRQ {
+        critical_section::with(|cs| DRIVER.run_queue(cs));
+    }
 }

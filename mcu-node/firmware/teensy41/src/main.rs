@@ -14,6 +14,7 @@ use static_cell::StaticCell;
 use teensy4_bsp::board;
 use voicemesh_fw_app::{NodeConfig, mdns, net};
 use voicemesh_mcu::McuConfig;
+use voicemesh_mcu::servo::ClockServo;
 
 use crate::enet::EnetDriver;
 
@@ -82,7 +83,17 @@ async fn boot(spawner: Spawner, dev: EnetDriver, mut bank: dacs::Bank, session_i
         dacs: heapless::Vec::from_slice(&dacs::SPECS).expect("two DACs fit"),
         session_id,
     };
-    net::run(spawner, stack, config, advert, seed, mcu, &mut bank).await
+    net::run(
+        spawner,
+        stack,
+        config,
+        advert,
+        seed,
+        mcu,
+        ClockServo::new(),
+        &mut bank,
+    )
+    .await
 }
 
 #[panic_handler]
