@@ -95,6 +95,17 @@ fn stays_within(trace: &Trace, from: u64, until: u64, bound: i64) -> Result<(), 
     })
 }
 
+/// When every slave came within `bound` for good; an error unless that was by `by`.
+fn converged_by(trace: &Trace, bound: i64, by: u64) -> Result<u64, String> {
+    let at = trace
+        .converged_at(bound, u64::MAX)
+        .ok_or_else(|| format!("never stayed within {bound} ns"))?;
+    ensure(at <= by, || {
+        format!("within {bound} ns only from {:.1} s", at as f64 / 1e9)
+    })?;
+    Ok(at)
+}
+
 fn steps_at(trace: &Trace, t: u64) -> Vec<u64> {
     trace
         .samples
@@ -119,12 +130,7 @@ fn slaves_converge_from_random_offsets_and_drifts_and_stay_converged() {
             )
         },
         |t| {
-            let converged = t
-                .converged_at(CONVERGED_NS, u64::MAX)
-                .ok_or("never converged")?;
-            ensure(converged <= 25 * S, || {
-                format!("converged only at {:.1} s", converged as f64 / 1e9)
-            })?;
+            converged_by(t, CONVERGED_NS, 25 * S)?;
             stays_within(t, 25 * S, u64::MAX, CONVERGED_NS)?;
             let first = &t.samples[0];
             for (i, (start, end)) in first.slaves.iter().zip(&t.last().slaves).enumerate() {
@@ -154,6 +160,56 @@ fn slaves_converge_from_random_offsets_and_drifts_and_stay_converged() {
             Ok(())
         },
     );
+}
+
+/// Issue 4: "convergence from 3 ms / 50 ppm takes under 10 s". Every slave's clock starts
+/// ±3 ms off on an oscillator up to ±50 ppm off (the grandmaster's too, so up to 100 ppm
+/// relative); grandmaster and slaves start together (the grandmaster's Syncs begin and the BMCA
+/// makes the slaves slaves ~3 s in). Converged means what the real-process test
+/// (`tests/tests/sync_cluster.rs`) measures: every slave within one sample at 48 kHz, and
+/// staying there — by 7 s here (4.2–6.0 s measured; 8.2–10.6 s without the frequency probe
+/// and with statime's default filter, 9.5–12.8 s). Within 5 µs by 12 s.
+#[test]
+fn slaves_converge_from_3_ms_and_50_ppm_within_7_s() {
+    let times = std::sync::Mutex::new(Vec::new());
+    each_seed(
+        400,
+        16,
+        |seed| {
+            (
+                SimConfig {
+                    max_offset_ns: 3_000_000,
+                    min_offset_ns: 3_000_000,
+                    max_drift_ppm: 50.0,
+                    duration_ns: 30 * S,
+                    ..SimConfig::lan(seed)
+                },
+                vec![],
+            )
+        },
+        |t| {
+            let sample = converged_by(t, SAMPLE_NS, 7 * S)?;
+            let converged = converged_by(t, CONVERGED_NS, 12 * S)?;
+            times
+                .lock()
+                .unwrap()
+                .push((converged as f64 / 1e9, sample as f64 / 1e9));
+            Ok(())
+        },
+    );
+    let times = times.into_inner().unwrap();
+    for (what, mut v) in [
+        ("5 µs", times.iter().map(|t| t.0).collect::<Vec<_>>()),
+        ("one sample", times.iter().map(|t| t.1).collect()),
+    ] {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "converged to {what} after {:.1} s min, {:.1} s median, {:.1} s max",
+            v[0],
+            v[v.len() / 2],
+            v[v.len() - 1]
+        );
+    }
 }
 
 #[test]

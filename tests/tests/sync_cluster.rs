@@ -4,12 +4,10 @@
 //! convergence, 200 chords spread over all three nodes must start within one sample at 48 kHz
 //! (p99 ≤ 20.8 µs) with a median ≤ 5 µs.
 //!
-//! Not asserted yet: the issue's "convergence from 3 ms / 50 ppm under 10 s". The bench
-//! measures it (`converge_s`, printed) and it is ~11 s with statime's default Kalman servo,
-//! which steps the 3 ms at once and then learns the 50 ppm slowly (docs/timing.md). A faster
-//! servo (1 s steer time, 500 ppm initial frequency uncertainty) converges in 5–7 s here but
-//! breaks the PTP simulation's heavy-jitter bound, so the servo's tuning is left to the PTP
-//! work; the only convergence asserted here is the bench's own: within 30 s.
+//! And the issue's "convergence from 3 ms / 50 ppm takes under 10 s": the bench's `converge_s`
+//! (from the nodes' start to the first of 10 probe chords in a row within one sample) must be
+//! under 10 s. The PTP slave's frequency probe (docs/timing.md, "Acquisition") brought it from
+//! ~11 s to ~5 s.
 //!
 //! The test drives `voicemesh bench sync --netns`, which measures each chord's spread from the
 //! `CLOCK_MONOTONIC` instants at which each node's output emits the note's first frame — the
@@ -122,8 +120,8 @@ fn three_nodes_start_chords_within_one_sample() {
         f.p50_us
     );
     assert!(
-        f.converge_s > 0.0 && f.converge_s < 30.0,
-        "convergence from 3 ms / 50 ppm took {} s",
+        f.converge_s > 0.0 && f.converge_s < 10.0,
+        "convergence from 3 ms / 50 ppm took {} s (the issue asks under 10 s)",
         f.converge_s
     );
     assert!(f.max_us >= f.p99_us && f.p99_us >= f.p50_us, "{f:?}");

@@ -33,6 +33,7 @@
 
 pub mod clocks;
 pub mod port;
+pub mod probe;
 pub mod sim;
 pub mod socket;
 

@@ -15,6 +15,7 @@
 //! they are handed in, so statime sees every time on the one timescale it steers.
 
 use super::clocks::to_ptp_time;
+use super::probe::{ProbeResult, RateProbe};
 use super::{
     ANNOUNCE_RECEIPT_TIMEOUT, GRANDMASTER_PRIORITY_1, LOCK_SAMPLES, LOCK_SETTLE_TIME,
     LOCK_THRESHOLD_NS, LOG_ANNOUNCE_INTERVAL, LOG_DELAY_REQ_INTERVAL, LOG_SYNC_INTERVAL,
@@ -111,6 +112,23 @@ impl Role {
     }
 }
 
+/// statime's Kalman filter, tuned for a slave whose rate the frequency probe
+/// ([`super::probe`]) set before the filter starts: a 1 s steer time (statime: 2 s) takes out the
+/// offset left after the first step (statime steps by its first measurement, before it knows
+/// the path delay) in about a second; an initial frequency uncertainty of 10 ppm (statime: 100
+/// ppm) says the rate is already close, so the filter does not chase the first noisy offsets
+/// with the frequency. Otherwise statime's defaults (steps above 1 ms, slews at up to 200 ppm).
+pub fn kalman_config() -> KalmanConfiguration {
+    KalmanConfiguration {
+        steer_time: statime::time::Duration::from_seconds(KALMAN_STEER_TIME_S),
+        initial_frequency_uncertainty: KALMAN_FREQ_UNCERTAINTY,
+        ..KalmanConfiguration::default()
+    }
+}
+
+const KALMAN_STEER_TIME_S: f64 = 1.0;
+const KALMAN_FREQ_UNCERTAINTY: f64 = 10e-6;
+
 /// The port configuration every VoiceMesh PTP instance uses (E2E delay, the intervals of
 /// [`super`]).
 pub fn port_config(master_only: bool) -> PortConfig<AcceptAnyMaster> {
@@ -186,6 +204,10 @@ pub struct PtpCore<'a, C: Clock> {
     /// post-step one and step again by the same amount, so their completions are dropped.
     stale_syncs: Vec<u16>,
     stale_reqs: Vec<u16>,
+    /// A slave's frequency probe while it runs ([`super::probe`]): until it ends, statime gets
+    /// no Sync, Follow_Up or Delay_Resp, so its filter starts on a model already at the right
+    /// rate.
+    probe: Option<RateProbe>,
 }
 
 impl<C: Clock> core::fmt::Debug for PtpCore<'_, C> {
@@ -214,12 +236,7 @@ impl<'a, C: Clock> PtpCore<'a, C> {
         status: Arc<PtpStatus>,
         now: u64,
     ) -> Self {
-        let port = instance.add_port(
-            port_config(role.master_only),
-            KalmanConfiguration::default(),
-            adapter,
-            rng,
-        );
+        let port = instance.add_port(port_config(role.master_only), kalman_config(), adapter, rng);
         let (port, first) = port.end_bmca();
         let bmca_interval = ns(instance.bmca_interval());
         if role.steering {
@@ -241,6 +258,7 @@ impl<'a, C: Clock> PtpCore<'a, C> {
             pending_reqs: VecDeque::new(),
             stale_syncs: Vec::new(),
             stale_reqs: Vec::new(),
+            probe: role.steering.then(RateProbe::new),
         };
         apply(&mut core.timers, &mut core.out, now, first);
         let steps = core.status.steps();
@@ -264,6 +282,17 @@ impl<'a, C: Clock> PtpCore<'a, C> {
             return;
         };
         let two_step = data[6] & FLAG_TWO_STEP != 0;
+        if kind == MSG_SYNC
+            && let Some(probe) = self.probe.as_mut()
+        {
+            if self.status.port_state() == PtpPortState::Slave {
+                probe.set_ready();
+            }
+            probe.sync(now, data, two_step, rx_local);
+            if !self.probe_done() {
+                return;
+            }
+        }
         if kind == MSG_SYNC && two_step {
             remember(&mut self.pending_syncs, seq_id(data));
         }
@@ -283,6 +312,19 @@ impl<'a, C: Clock> PtpCore<'a, C> {
         let Some(kind) = self.classify(data) else {
             return;
         };
+        if matches!(kind, MSG_FOLLOW_UP | MSG_DELAY_RESP)
+            && let Some(probe) = self.probe.as_mut()
+        {
+            if self.status.port_state() == PtpPortState::Slave {
+                probe.set_ready();
+            }
+            if kind == MSG_FOLLOW_UP {
+                probe.follow_up(data);
+            }
+            if !self.probe_done() {
+                return;
+            }
+        }
         let seq = seq_id(data);
         let completes = match kind {
             MSG_FOLLOW_UP => Some((&mut self.pending_syncs, &mut self.stale_syncs)),
@@ -333,6 +375,10 @@ impl<'a, C: Clock> PtpCore<'a, C> {
 
     /// Runs every timer due at `now`, and the BMCA when its interval has come round.
     pub fn handle_timeout(&mut self, now: u64) {
+        if let Some(probe) = self.probe.as_mut() {
+            probe.expire(now);
+            self.probe_done();
+        }
         for (i, timer) in TIMERS.iter().enumerate() {
             if self.timers[i].is_none_or(|t| t > now) {
                 continue;
@@ -369,6 +415,35 @@ impl<'a, C: Clock> PtpCore<'a, C> {
             self.status.count_bmca();
             self.after(now, false, steps);
         }
+    }
+
+    /// Ends the frequency probe if it has a result (setting the model's rate from it); true
+    /// when no probe runs any more.
+    fn probe_done(&mut self) -> bool {
+        let Some(probe) = self.probe.as_ref() else {
+            return true;
+        };
+        match probe.result() {
+            ProbeResult::Running => return false,
+            ProbeResult::Ratio(ratio) => {
+                let old = self.clock.model().rate;
+                let rate = ratio - 1.0;
+                self.clock.set_rate_at(probe.last_rx(), rate);
+                // statime's first frequency (0 ppm) is relative to this rate.
+                self.status.request_rebase();
+                self.status.record_rate(rate);
+                tracing::info!(
+                    from_ppb = (old * 1e9) as i64,
+                    to_ppb = (rate * 1e9) as i64,
+                    "PTP frequency probe set the cluster clock's rate from the first Syncs"
+                );
+            }
+            ProbeResult::Nothing => {
+                tracing::info!("PTP frequency probe gave no estimate; the servo starts alone");
+            }
+        }
+        self.probe = None;
+        true
     }
 
     /// The next datagram to send, if any.

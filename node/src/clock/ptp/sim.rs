@@ -42,6 +42,9 @@ pub struct SimConfig {
     pub slaves: usize,
     /// Each slave's cluster clock starts off by a uniform random offset in ±this, ns.
     pub max_offset_ns: i64,
+    /// When not 0, the start offset's magnitude is uniform in this..=`max_offset_ns` instead
+    /// (with a random sign): `min = max` starts every slave exactly that far off.
+    pub min_offset_ns: i64,
     /// Each oscillator (grandmaster's too) runs fast or slow by a uniform random drift in
     /// ±this, ppm.
     pub max_drift_ppm: f64,
@@ -71,6 +74,7 @@ impl SimConfig {
             seed,
             slaves: 4,
             max_offset_ns: 10_000_000,
+            min_offset_ns: 0,
             max_drift_ppm: 100.0,
             latency_ns: 20_000,
             latency_jitter_ns: 10_000,
@@ -328,7 +332,12 @@ pub fn simulate(cfg: &SimConfig, faults: &[Fault]) -> Trace {
             truth: truth.clone(),
             osc,
         };
-        let offset = rng.gen_range(-cfg.max_offset_ns..=cfg.max_offset_ns);
+        let offset = if cfg.min_offset_ns == 0 {
+            rng.gen_range(-cfg.max_offset_ns..=cfg.max_offset_ns)
+        } else {
+            let m = rng.gen_range(cfg.min_offset_ns..=cfg.max_offset_ns.max(cfg.min_offset_ns));
+            if rng.gen_bool(0.5) { m } else { -m }
+        };
         let clock = Arc::new(ClusterClock::from_model(ClockModel {
             anchor_local: osc.local(0),
             anchor_cluster: ClusterTime(EPOCH_NS).add_nanos(offset),
