@@ -341,6 +341,7 @@ step "fuzz smoke: decode_frame ${fuzz_seconds}s" fuzz_smoke decode_frame
 step "fuzz smoke: decode_datagram ${fuzz_seconds}s" fuzz_smoke decode_datagram
 step "fuzz smoke: link_wire 10s" fuzz_smoke link_wire 10
 step "fuzz smoke: rtpmidi 10s" fuzz_smoke rtpmidi 10
+step "fuzz smoke: osc 10s" fuzz_smoke osc 10
 
 current_step=""
 banner "summary"
