@@ -435,7 +435,7 @@ impl<'a, C: Clock> PtpCore<'a, C> {
                 tracing::info!(
                     from_ppb = (old * 1e9) as i64,
                     to_ppb = (rate * 1e9) as i64,
-                    "PTP frequency probe set the cluster clock's rate from the first Syncs"
+                    "PTP frequency probe set the cluster clock's rate from the grandmaster's Syncs"
                 );
             }
             ProbeResult::Nothing => {
@@ -514,7 +514,14 @@ impl<'a, C: Clock> PtpCore<'a, C> {
                 );
             }
             Some(_) => {}
-            None => self.lock.lost(&self.status, &self.clock),
+            None => {
+                if self.lock.lost(&self.status, &self.clock) {
+                    // Measure the next grandmaster's rate before a fresh filter starts on it:
+                    // the rate carried into holdover may have been learnt over a few seconds
+                    // only.
+                    self.probe = Some(RateProbe::new());
+                }
+            }
         }
     }
 }
@@ -656,10 +663,11 @@ impl LockTracker {
     }
 
     /// The port follows no master (any more): a slave that had one free-runs in holdover at
-    /// its last rate.
-    pub(crate) fn lost(&mut self, status: &PtpStatus, clock: &ClusterClock) {
+    /// its last rate. True when this call entered holdover.
+    pub(crate) fn lost(&mut self, status: &PtpStatus, clock: &ClusterClock) -> bool {
         self.good = 0;
         self.settle_start = None;
+        let mut entered = false;
         if matches!(
             status.servo_state(),
             ServoState::Locking | ServoState::Locked
@@ -673,9 +681,11 @@ impl LockTracker {
             // statime replaced its filter; the next one starts from the rate we run at now.
             status.request_rebase();
             clock.set_locked(false);
+            entered = true;
         }
         status.locked_flag(false);
         clock.set_locked(false);
+        entered
     }
 
     fn set(&self, locked: bool, status: &PtpStatus, clock: &ClusterClock) {
