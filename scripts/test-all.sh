@@ -280,7 +280,7 @@ run_tests() {
     : > "$test_log"
     # Tests that judge real-time behaviour (xruns, onsets, detection within 300 ms) run one at a
     # time after the rest, so parallel builds and tests on a 2-core machine cannot starve them.
-    local timed='binary(sync_cluster) | binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback) | binary(ptp_linuxptp) | binary(ptp_holdover) | binary(mcu_qemu) | binary(mcu_sim) | binary(rtpmidi_peers) | binary(rtpmidi_flood) | binary(jack_midi) | binary(link_interop) | binary(osc_peers) | binary(osc_flood)'
+    local timed='binary(sync_cluster) | binary(jack_node) | binary(jack_backend) | binary(failover) | binary(demo) | binary(processes) | binary(ptp_loopback) | binary(ptp_linuxptp) | binary(ptp_holdover) | binary(mcu_qemu) | binary(mcu_sim) | binary(rtpmidi_peers) | binary(rtpmidi_flood) | binary(jack_midi) | binary(link_interop) | binary(link_cv_clock) | binary(osc_peers) | binary(osc_flood)'
     if command -v cargo-nextest >/dev/null; then
         cargo nextest run --workspace --locked --no-fail-fast -E "not ($timed)" 2>&1 | tee -a "$test_log"
         cargo nextest run --workspace --locked --no-fail-fast -E "$timed" --test-threads 1 2>&1 | tee -a "$test_log"

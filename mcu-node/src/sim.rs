@@ -207,6 +207,10 @@ pub async fn run_sim(cfg: SimConfig, cancel: CancellationToken) -> Result<(), Si
     start_sim(cfg, cancel).await?.join().await
 }
 
+/// How early the loop asks tokio to wake it before a deadline (its timer has 1 ms ticks and
+/// rounds up); the rest is a `std::thread::sleep`, which is precise to tens of µs on Linux.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
 async fn run_loop(
     sock: UdpSocket,
     cfg: McuConfig,
@@ -235,7 +239,14 @@ async fn run_loop(
                 // ICMP port unreachable from a gone coordinator and the like: keep running.
                 Err(e) => tracing::debug!("mcu-sim recv: {e}"),
             },
-            () = tokio::time::sleep_until(wake) => node.handle_timeout(local()),
+            () = tokio::time::sleep_until(wake.checked_sub(TIMER_SLACK).unwrap_or(wake)) => {
+                // tokio's timer wheel wakes up to ~2 ms late (1 ms ticks, rounded up); the
+                // firmware's hardware alarm does not. The last stretch is a precise sleep.
+                if let Some(left) = wake.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(left);
+                }
+                node.handle_timeout(local())
+            }
         }
         let failing = faults.lock().map(|f| f.clone()).unwrap_or_default();
         while let Some(op) = node.poll_dac(local()) {

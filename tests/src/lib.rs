@@ -847,6 +847,46 @@ pub fn cluster_now_ns() -> u64 {
     d.as_nanos() as u64 + TAI_OFFSET_NS
 }
 
+/// `clock_gettime(id)` in ns.
+pub fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid, writable timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// `cluster_ns − CLOCK_MONOTONIC_RAW ns` (Ableton Link's host clock) on this machine, from the
+/// tightest of a few samples of both clocks.
+pub fn cluster_minus_monotonic_raw_ns() -> i128 {
+    (0..5)
+        .map(|_| {
+            let a = clock_ns(libc::CLOCK_MONOTONIC_RAW);
+            let r = clock_ns(libc::CLOCK_REALTIME);
+            let b = clock_ns(libc::CLOCK_MONOTONIC_RAW);
+            (b - a, r + i128::from(TAI_OFFSET_NS) - (a + b) / 2)
+        })
+        .min()
+        .unwrap()
+        .1
+}
+
+/// One JSON line from a Python Link peer (LinkPython-extern) on its stdout.
+///
+/// # Panics
+/// When the peer has exited or said something that is not JSON.
+pub fn link_peer_line(stdout: &mut impl std::io::BufRead) -> serde_json::Value {
+    let mut s = String::new();
+    let n = stdout.read_line(&mut s).expect("peer stdout");
+    assert!(
+        n > 0,
+        "the Python Link peer exited (is LinkPython-extern installed?)"
+    );
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("peer said {s:?}: {e}"))
+}
+
 /// Starts `voicemesh coordinator --state-dir STATE EXTRA…` in `ns`, waits for its dashboard
 /// line and returns it with its `/api/cluster` URL (token included).
 pub fn coordinator(ns: &Netns, state: &Path, extra: &[&str]) -> (Child, String) {

@@ -8,14 +8,15 @@
 //! docs/link.md says) and evaluates the coordinator's cluster timeline from `/api/tempo` there.
 //! Agreement must be within 0.1 ms worth of beats.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
-use voicemesh_tests::{Child, Netns, TempDir, VethLink, python, voicemesh_bin};
+use voicemesh_tests::{
+    Child, Netns, TempDir, VethLink, clock_ns, cluster_minus_monotonic_raw_ns, python,
+    voicemesh_bin,
+};
 
-/// TAI − UTC: the grandmaster's cluster time is CLOCK_REALTIME plus this.
-const TAI_OFFSET_NS: i128 = 37_000_000_000;
 const QUANTUM: f64 = 4.0;
 /// How long the founding peer runs alone before the other starts: the scenario itself (the
 /// founder's session must be more than 500 ms of ghost time older), not a synchronisation.
@@ -88,13 +89,7 @@ impl PyPeer {
     }
 
     fn line(&mut self) -> serde_json::Value {
-        let mut s = String::new();
-        let n = self.stdout.read_line(&mut s).expect("peer stdout");
-        assert!(
-            n > 0,
-            "the Python Link peer exited (is LinkPython-extern installed?)"
-        );
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("peer said {s:?}: {e}"))
+        voicemesh_tests::link_peer_line(&mut self.stdout)
     }
 
     fn cmd(&mut self, c: &str) -> serde_json::Value {
@@ -173,30 +168,6 @@ impl Drop for Coord {
     }
 }
 
-fn clock_ns(id: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid, writable timespec.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-}
-
-/// `cluster_ns − host_us × 1000` for the grandmaster's clock, sampled now.
-fn host_to_cluster_offset() -> i128 {
-    (0..5)
-        .map(|_| {
-            let a = clock_ns(libc::CLOCK_MONOTONIC_RAW);
-            let r = clock_ns(libc::CLOCK_REALTIME);
-            let b = clock_ns(libc::CLOCK_MONOTONIC_RAW);
-            (b - a, r + TAI_OFFSET_NS - (a + b) / 2)
-        })
-        .min()
-        .unwrap()
-        .1
-}
-
 /// Beats of the cluster timeline (`/api/tempo` `timeline`) at cluster time `t_ns`.
 fn beats_at(tl: &serde_json::Value, t_ns: i128) -> f64 {
     let npb = tl["ns_per_beat"].as_u64().unwrap() as f64;
@@ -224,7 +195,7 @@ fn phase_agreement(ns: &Netns, coord: &Coord, py: &mut PyPeer, n: usize) -> f64 
     for i in 0..n {
         let p = py.state();
         let tl = ns.in_ns(|| coord.tempo())["timeline"].clone();
-        let off = host_to_cluster_offset();
+        let off = cluster_minus_monotonic_raw_ns();
         let ours = beats_at(&tl, i128::from(p.t) * 1000 + off).rem_euclid(QUANTUM);
         let mut d = (ours - p.phase).abs();
         d = d.min(QUANTUM - d);
@@ -373,7 +344,7 @@ fn python_joins_the_coordinators_session_and_a_vanished_peer_is_dropped() {
     let after = ns.in_ns(|| coord.tempo());
     assert!((tempo_of(&after) - 128.0).abs() < 0.001, "{after}");
     // Beats continue across the reset (same line, within rounding).
-    let off = host_to_cluster_offset();
+    let off = cluster_minus_monotonic_raw_ns();
     let now = clock_ns(libc::CLOCK_MONOTONIC_RAW) / 1000 * 1000 + off;
     let jump = (beats_at(&after["timeline"], now) - beats_at(&before["timeline"], now)).abs();
     assert!(jump < 1e-3, "beat jumped by {jump} at the reset");
