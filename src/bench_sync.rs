@@ -36,8 +36,10 @@ pub const NODES: usize = 3;
 pub const PROBE_EVERY: Duration = Duration::from_millis(200);
 /// Onset spread under which a probe counts as converged: one sample at 48 kHz.
 pub const CONVERGED_NS: u64 = 20_800;
-/// Consecutive converged probes that make convergence.
-pub const CONVERGED_PROBES: usize = 10;
+/// Consecutive converged probes that make convergence: 5 s within one sample, so a cluster
+/// whose servos still ring after their first good seconds is not called converged ("converge
+/// and stay converged"), and the measured chords start on a settled cluster.
+pub const CONVERGED_PROBES: usize = 25;
 
 /// What `voicemesh bench sync` is asked to do.
 #[derive(Debug, Clone)]

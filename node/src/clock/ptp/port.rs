@@ -115,7 +115,7 @@ impl Role {
 /// statime's Kalman filter, tuned for a slave whose rate the frequency probe
 /// ([`super::probe`]) set before the filter starts: a 1 s steer time (statime: 2 s) takes out the
 /// offset left after the first step (statime steps by its first measurement, before it knows
-/// the path delay) in about a second; an initial frequency uncertainty of 10 ppm (statime: 100
+/// the path delay) in about a second; an initial frequency uncertainty of 5 ppm (statime: 100
 /// ppm) says the rate is already close, so the filter does not chase the first noisy offsets
 /// with the frequency. Otherwise statime's defaults (steps above 1 ms, slews at up to 200 ppm).
 pub fn kalman_config() -> KalmanConfiguration {
@@ -127,7 +127,7 @@ pub fn kalman_config() -> KalmanConfiguration {
 }
 
 const KALMAN_STEER_TIME_S: f64 = 1.0;
-const KALMAN_FREQ_UNCERTAINTY: f64 = 10e-6;
+const KALMAN_FREQ_UNCERTAINTY: f64 = 5e-6;
 
 /// The port configuration every VoiceMesh PTP instance uses (E2E delay, the intervals of
 /// [`super`]).
