@@ -1,9 +1,9 @@
 //! A CV clock output on a real MCU node lands on Ableton Link's beats: a Link peer
 //! (LinkPython-extern, Ableton's Link library inside, a separate Python process) founds a
 //! 120 BPM session, `voicemesh coordinator --link` joins it, and `voicemesh mcu-sim` plays a
-//! 1-pulse-per-beat clock route on its CV 0. Every rising edge the MCU reports (`at_ns`, the
-//! cluster time it wrote the code, from `--print-codes`) is mapped to Link's host clock and
-//! handed to the Python peer, which answers Link's own `beatAtTime` there: each edge must be
+//! 1-pulse-per-beat clock route on its CV 0. Once the MCU's clock servo has locked, every
+//! rising edge the MCU reports (`at_ns`, the cluster time it wrote the code, from
+//! `--print-codes`) is mapped to Link's host clock and handed to the Python peer, which answers Link's own `beatAtTime` there: each edge must be
 //! within 1 ms of a whole beat, for at least 8 consecutive beats.
 //!
 //! The edge times come from the MCU's reports, the beat times from Ableton's library: nothing
@@ -160,16 +160,17 @@ fn a_cv_clock_on_the_mcu_pulses_on_links_beats() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // … and the MCU has joined the coordinator.
+    // … and the MCU has joined the coordinator and its clock servo has locked (the bound is
+    // for a node whose clock follows the cluster, not for its first second).
     wait_api(
         &ns,
         &api,
         Duration::from_secs(15),
-        "mcu-1 online with a report",
+        "mcu-1 online, its clock locked",
         |v| {
             v["nodes"].as_array().is_some_and(|a| {
                 a.iter().any(|n| {
-                    n["id"] == "mcu-1" && n["online"] == true && n["cv"]["reported_at_ns"].is_u64()
+                    n["id"] == "mcu-1" && n["online"] == true && n["cv"]["clock_locked"] == true
                 })
             })
         },
