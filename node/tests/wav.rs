@@ -7,7 +7,7 @@ use common::TempDir;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use voicemesh_node::audio::paced::{WavSidecar, frame_time};
+use voicemesh_node::audio::paced::{WavSidecar, grid_time};
 use voicemesh_node::audio::{self, AudioParams, AudioSpec};
 use voicemesh_node::clock::ClusterClock;
 use voicemesh_node::engine::{Control, EngineCounters, EngineEvent, EventKind};
@@ -88,10 +88,15 @@ async fn wav_backend_records_a_note_on_its_frame() {
     let dt = at.0 - side.first_frame_cluster_ns;
     let expect_frame = (u128::from(dt) * 48_000 + 500_000_000) / 1_000_000_000;
     assert_eq!(o.frame as u128, expect_frame);
-    assert_eq!(
-        o.frame_cluster_ns,
-        frame_time(side.first_frame_cluster_ns, o.frame, 48_000)
-    );
+    // Frames sit on the cluster's sample grid: the first frame is grid frame `g`
+    // (`first_frame_cluster_ns = round(g·1e9/sr)`), the onset is grid frame `g + frame`, its time
+    // `round((g + frame)·1e9/sr)` — one rounding, so it may differ by 1 ns from
+    // `first_frame_cluster_ns + round(frame·1e9/sr)`.
+    let g = (u128::from(side.first_frame_cluster_ns) * 48_000 / 1_000_000_000) as u64;
+    let g = (g..g + 2)
+        .find(|&g| grid_time(g, 48_000) == side.first_frame_cluster_ns)
+        .expect("the first frame is on the sample grid");
+    assert_eq!(o.frame_cluster_ns, grid_time(g + o.frame, 48_000));
     assert!(
         o.frame_cluster_ns.abs_diff(at.0) <= 10_417,
         "within half a frame"
