@@ -913,7 +913,19 @@ pub fn wait_api(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool + Send,
 ) -> (serde_json::Value, Instant) {
-    let out = ns.in_ns(move || {
+    try_wait_api(ns, api, timeout, done)
+        .unwrap_or_else(|last| panic!("/api/cluster never showed {what}; last: {last:?}"))
+}
+
+/// [`wait_api`] without the panic: `Err` carries the last snapshot seen (if any), so a caller
+/// can add its own context (e.g. the coordinator's output) to the failure.
+pub fn try_wait_api(
+    ns: &Netns,
+    api: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool + Send,
+) -> Result<(serde_json::Value, Instant), Option<serde_json::Value>> {
+    ns.in_ns(move || {
         let start = Instant::now();
         let mut last = None;
         while start.elapsed() < timeout {
@@ -926,8 +938,7 @@ pub fn wait_api(
             std::thread::sleep(Duration::from_millis(5));
         }
         Err(last)
-    });
-    out.unwrap_or_else(|last| panic!("/api/cluster never showed {what}; last: {last:?}"))
+    })
 }
 
 #[cfg(test)]

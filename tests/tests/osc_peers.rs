@@ -11,9 +11,9 @@
 //!
 //! Judges timing, so it runs in the serial `timed` group of scripts/test-all.sh.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use voicemesh_tests::{
-    Child, Netns, TempDir, onsets, python, read_wav_mono, try_http_get_json_local, voicemesh_bin,
+    Child, Netns, TempDir, onsets, python, read_wav_mono, try_wait_api, voicemesh_bin,
 };
 
 /// TAI − UTC: cluster time is the grandmaster's CLOCK_REALTIME plus this.
@@ -59,27 +59,14 @@ impl Cluster {
         timeout: Duration,
         done: impl Fn(&serde_json::Value) -> bool + Send,
     ) -> serde_json::Value {
-        let api = self.api.clone();
-        let out = self.ns.in_ns(move || {
-            let start = Instant::now();
-            let mut last = None;
-            while start.elapsed() < timeout {
-                if let Ok(v) = try_http_get_json_local(&api) {
-                    if done(&v) {
-                        return Ok(v);
-                    }
-                    last = Some(v);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(last)
-        });
-        out.unwrap_or_else(|last| {
-            panic!(
-                "/api/cluster never matched; last: {last:?}\n{}",
-                self.coordinator.output()
-            )
-        })
+        try_wait_api(&self.ns, &self.api, timeout, done)
+            .map(|(v, _)| v)
+            .unwrap_or_else(|last| {
+                panic!(
+                    "/api/cluster never matched; last: {last:?}\n{}",
+                    self.coordinator.output()
+                )
+            })
     }
 
     fn python(&self, script: &str) -> String {

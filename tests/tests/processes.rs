@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 use voicemesh_tests::{
-    Child, Netns, midi_to_hz, onsets, peak_frequency, python, read_wav_mono,
-    try_http_get_json_local, voicemesh_bin,
+    Child, Netns, midi_to_hz, onsets, peak_frequency, python, read_wav_mono, try_wait_api,
+    voicemesh_bin,
 };
 
 struct Cluster {
@@ -50,27 +50,14 @@ impl Cluster {
         timeout: Duration,
         done: impl Fn(&serde_json::Value) -> bool + Send,
     ) -> serde_json::Value {
-        let api = self.api.clone();
-        let out = self.ns.in_ns(move || {
-            let start = Instant::now();
-            let mut last = None;
-            while start.elapsed() < timeout {
-                if let Ok(v) = try_http_get_json_local(&api) {
-                    if done(&v) {
-                        return Ok(v);
-                    }
-                    last = Some(v);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(last)
-        });
-        out.unwrap_or_else(|last| {
-            panic!(
-                "/api/cluster never matched; last: {last:?}\n{}",
-                self.coordinator.output()
-            )
-        })
+        try_wait_api(&self.ns, &self.api, timeout, done)
+            .map(|(v, _)| v)
+            .unwrap_or_else(|last| {
+                panic!(
+                    "/api/cluster never matched; last: {last:?}\n{}",
+                    self.coordinator.output()
+                )
+            })
     }
 }
 
