@@ -756,20 +756,7 @@ impl CvRouter {
 
 /// An output that is not driven (`off`, resting at 0 V), every other field 0.
 fn off(channel: u16) -> CvAssign {
-    CvAssign {
-        channel,
-        function: CvFunction::Off,
-        voice: 0,
-        midi_channel: 0,
-        param: 0,
-        min_uv: 0,
-        max_uv: 0,
-        base_note: 0,
-        bend_semitones: 0,
-        glide_ms: 0,
-        pulse_ms: 0,
-        calibration: heapless::Vec::new(),
-    }
+    CvAssign::new(channel, CvFunction::Off)
 }
 
 /// Volts to microvolts, rounded; the inputs are validated to ±[`MAX_VOLTS`], so the cast
